@@ -1,0 +1,102 @@
+"""Progress for long commands: a bar on a terminal, or one JSON object per stdout line.
+
+JSON mode is what the Slicer module and other GUIs read: every stdout line is an object with
+an "event" key (start, epoch, step, validation, checkpoint, log, done, error, ...). In bar mode
+everything goes to stderr so stdout stays free for results.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, mode: str = "bar", stream=None):
+        if mode not in ("bar", "json", "none"):
+            raise ValueError(f"unknown progress mode {mode!r}")
+        self.mode = mode
+        self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self._started = time.monotonic()
+        self._rate_from: tuple[float, int] | None = None
+        self._last_bar = 0.0
+        self._bar_open = False
+
+    def _emit(self, obj: dict) -> None:
+        self.stream.write(json.dumps(obj, default=_jsonable) + "\n")
+        self.stream.flush()
+
+    def _close_bar(self) -> None:
+        if self._bar_open:
+            self.stream.write("\n")
+            self._bar_open = False
+
+    def event(self, event: str, message: str | None = None, **fields) -> None:
+        """A discrete happening; shown as a log line on a terminal."""
+        if self.mode == "json":
+            self._emit({"event": event, **({"message": message} if message else {}), **fields})
+        elif self.mode == "bar":
+            self._close_bar()
+            text = message or " ".join(f"{k}={_short(v)}" for k, v in fields.items())
+            self.stream.write(f"[{event}] {text}\n")
+            self.stream.flush()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.event("log", message, level=level)
+
+    def eta(self, step: int, total: int) -> float | None:
+        """Seconds left, from the rate since the first step reported (start-up excluded)."""
+        now = time.monotonic()
+        if self._rate_from is None or step < self._rate_from[1]:
+            self._rate_from = (now, step)
+            return None
+        t0, s0 = self._rate_from
+        if step <= s0:
+            return None
+        return (now - t0) / (step - s0) * (total - step)
+
+    def step(self, step: int, total: int, **fields) -> None:
+        eta = self.eta(step, total)
+        if self.mode == "json":
+            self._emit({"event": "step", "step": step, "total": total,
+                        "eta_s": None if eta is None else round(eta, 1), **fields})
+        elif self.mode == "bar":
+            now = time.monotonic()
+            if now - self._last_bar < 0.2 and step < total:
+                return
+            self._last_bar = now
+            width = 30
+            done = int(width * step / max(total, 1))
+            extra = " ".join(f"{k} {_short(v)}" for k, v in fields.items())
+            eta_text = "--:--" if eta is None else _clock(eta)
+            self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} "
+                              f"eta {eta_text} {extra}   ")
+            self.stream.flush()
+            self._bar_open = step < total
+            if step >= total:
+                self.stream.write("\n")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

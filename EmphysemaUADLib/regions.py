@@ -1,0 +1,166 @@
+"""Regions of the lungs that get their own measurements and stage.
+
+With a lobe segmentation (TotalSegmentator, lungmask, a legend) the regions are the lobes.
+Without one each lung is cut into upper, middle and lower zones of equal
+height (physical superior-inferior extent, whatever the volume's direction). They are zones,
+never called lobes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .volume_io import Geometry, Volume, is_volume_file, read_labels, to_image
+
+RIGHT, LEFT = 1, 2
+ZONES = {
+    1: "right upper zone", 2: "right middle zone", 3: "right lower zone",
+    4: "left upper zone", 5: "left middle zone", 6: "left lower zone",
+}
+
+
+def superior_coordinate(index_zyx: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Physical S coordinate (LPS: +z is superior) of voxels given as (N, 3) z, y, x indices."""
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    ijk = index_zyx[:, ::-1].astype(np.float64) * np.asarray(geometry.spacing)
+    return geometry.origin[2] + ijk @ direction[2]
+
+
+def lung_zones(lungs: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Zone labels (keys of ZONES) from a lung mask with right = 1, left = 2."""
+    zones = np.zeros(lungs.shape, dtype=np.uint8)
+    for side, first_label in ((RIGHT, 1), (LEFT, 4)):
+        idx = np.argwhere(lungs == side)
+        if len(idx) == 0:
+            continue
+        s = superior_coordinate(idx, geometry)
+        lo, hi = float(s.min()), float(s.max())
+        # thirds of the height, from the top: upper, middle, lower
+        third = np.clip(((hi - s) / max(hi - lo, 1e-6) * 3).astype(int), 0, 2)
+        zones[tuple(idx.T)] = first_label + third
+    return zones
+
+
+# --- imported lobes ----------------------------------------------------------------------
+LOBES = {1: "right upper lobe", 2: "right middle lobe", 3: "right lower lobe",
+         4: "left upper lobe", 5: "left lower lobe"}
+LOBE_CODES = {1: "RUL", 2: "RML", 3: "RLL", 4: "LUL", 5: "LLL"}
+TOTALSEGMENTATOR_VALUES = {12: 1, 13: 2, 14: 3, 10: 4, 11: 5}
+LTRC_VALUES = {3: 1, 4: 2, 5: 3, 1: 4, 2: 5}  # lungmask LTRCLobes: 1 LUL 2 LLL 3 RUL 4 RML 5 RLL
+MIN_LUNG_COVERAGE = 0.5  # below this share of the lung the lobes do not belong to this CT
+WARN_LUNG_COVERAGE = 0.9
+
+
+def lobe_from_name(name: str) -> int | None:
+    """Lobe label from names such as 'RUL', 'Right upper lobe', 'lung_upper_lobe_right',
+    'upper lobe of left lung' (TotalSegmentator, Slicer segment names, legends)."""
+    text = name.lower().replace("_", " ").replace("-", " ").replace(".nii.gz", "")
+    text = text.replace(".nii", "").replace(".nrrd", "").strip()
+    code = text.replace(" ", "").upper()
+    for label, lobe_code in LOBE_CODES.items():
+        if code == lobe_code:
+            return label
+    words = set(text.split())
+    side = "right" if "right" in words else "left" if "left" in words else None
+    level = next((w for w in ("upper", "middle", "lower") if w in words), None)
+    if side is None or level is None or not words & {"lobe", "lung"}:
+        return None
+    for label, lobe_name in LOBES.items():
+        if lobe_name == f"{side} {level} lobe":
+            return label
+    return None
+
+
+def _same_grid(a: Geometry, b: Geometry, shape_a, shape_b) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and all(
+        np.allclose(x, y, atol=1e-4) for x, y in
+        ((a.spacing, b.spacing), (a.origin, b.origin), (a.direction, b.direction)))
+
+
+def _on_ct_grid(labels: Volume, ct: Volume) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map onto the CT's grid, where they differ."""
+    if _same_grid(labels.geometry, ct.geometry, labels.shape, ct.shape):
+        return labels.array
+    resampled = sitk.Resample(to_image(labels.array, labels.geometry),
+                              to_image(np.zeros(ct.shape, np.uint8), ct.geometry),
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _legend_for(path: Path) -> dict[int, str] | None:
+    for candidate in (path.with_name(path.name.split(".")[0] + ".json"),
+                      path.with_suffix(".json")):
+        if candidate.is_file():
+            try:
+                raw = json.loads(candidate.read_text())
+                return {int(k): str(v if not isinstance(v, dict) else v.get("name", k))
+                        for k, v in raw.items()}
+            except (ValueError, AttributeError) as exc:
+                raise InputError(f"{candidate}: not a legend of the form "
+                                 f'{{"1": "right upper lobe", ...}} ({exc}).') from None
+    return None
+
+
+def read_regions(path: str | Path, ct: Volume, lungs: np.ndarray,
+                 log=None) -> tuple[np.ndarray, dict[int, str]]:
+    """Regions from a lobe segmentation, on the CT's grid and inside the lungs.
+
+    Accepts a TotalSegmentator multilabel file (lobes 10-14) or its folder of one file per
+    lobe, lungmask LTRCLobes labels (1-5), or any label map with a JSON legend beside it
+    (same name, .json); lobe names in a legend are recognised, other names kept as given.
+    """
+    path = Path(path)
+    if path.is_dir() and any(lobe_from_name(p.name) for p in path.iterdir()):
+        regions = np.zeros(ct.shape, np.uint8)
+        found = []
+        for file in sorted(path.iterdir()):
+            label = lobe_from_name(file.name)
+            if label and is_volume_file(file):
+                regions[_on_ct_grid(read_labels(file, "lobe mask"), ct) > 0] = label
+                found.append(LOBE_CODES[label])
+        legend = dict(LOBES)
+        source = f"one file per lobe ({', '.join(found)})"
+    else:
+        volume = read_labels(path, "lobe segmentation")
+        values = set(np.unique(volume.array).tolist()) - {0}
+        legend_in = _legend_for(path)
+        if legend_in is not None:
+            lobes = {v: lobe_from_name(n) for v, n in legend_in.items()}
+            if all(lobes.values()):
+                mapping, legend, source = lobes, dict(LOBES), "label map with a lobe legend"
+            else:
+                mapping = {v: i + 1 for i, v in enumerate(sorted(legend_in))}
+                legend = {mapping[v]: legend_in[v] for v in sorted(legend_in)}
+                source = "label map with a legend"
+        elif values & set(TOTALSEGMENTATOR_VALUES):
+            mapping, legend, source = TOTALSEGMENTATOR_VALUES, dict(LOBES), \
+                "TotalSegmentator labels 10-14"
+        elif values and values <= set(LTRC_VALUES):
+            mapping, legend, source = LTRC_VALUES, dict(LOBES), "lungmask LTRCLobes labels 1-5"
+        else:
+            raise InputError(f"{path}: labels {sorted(values)[:12]} are neither TotalSegmentator "
+                             "lobes (10-14) nor lungmask lobes (1-5); add a JSON legend beside "
+                             "it (same name, .json) naming each label.")
+        lut = np.zeros(max(max(values | set(mapping)), 0) + 1, np.uint8)
+        for value, label in mapping.items():
+            if value < len(lut):
+                lut[value] = label
+        regions = lut[np.clip(_on_ct_grid(volume, ct), 0, len(lut) - 1)]
+    lung = lungs > 0
+    covered = np.count_nonzero(regions[lung]) / max(np.count_nonzero(lung), 1)
+    if covered < MIN_LUNG_COVERAGE:
+        raise InputError(f"{path}: the lobe segmentation covers only {covered:.0%} of the lungs "
+                         "found in this CT; it does not belong to this CT or its geometry "
+                         "(origin, spacing, direction) is wrong.")
+    if covered < WARN_LUNG_COVERAGE and log:
+        log(f"{path}: the lobes cover {covered:.0%} of the lungs; the rest counts only in the "
+            "whole-lung and left/right measurements.")
+    if log:
+        log(f"regions from {path} ({source}).")
+    regions = np.where(lung, regions, 0).astype(np.uint8)
+    present = set(np.unique(regions).tolist()) - {0}
+    return regions, {k: v for k, v in legend.items() if k in present}

@@ -1,0 +1,280 @@
+"""Reading, validating and writing CT volumes and label maps.
+
+Every volume travels as a :class:`Volume`: a numpy array in (z, y, x) order plus the
+geometry SimpleITK read from the file. The geometry is copied, never re-derived, so every
+output written with :func:`write_volume` overlays its input exactly.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a (z, y, x) voxel grid, in SimpleITK's (x, y, z) conventions."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3 row-major
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (z, y, x)
+    geometry: Geometry
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.array.shape  # type: ignore[return-value]
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(VOLUME_SUFFIXES)
+
+
+def _as_3d(image: sitk.Image, source: str) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per "
+                         "voxel (colour or vector image); a CT volume has one.")
+    dim = image.GetDimension()
+    if dim == 2:  # one axial slice: a volume of one slice 1 mm thick
+        return sitk.JoinSeries([image])
+    if dim == 4 and image.GetSize()[3] == 1:
+        return image[:, :, :, 0]
+    if dim != 3:
+        raise InputError(f"{source}: is a {dim}-D image of size {image.GetSize()}; "
+                         "expected a 3-D volume (or one 2-D slice).")
+    return image
+
+
+def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
+    """Read the largest CT series below `folder`; returns the image and a note saying which."""
+    candidates = []
+    for directory in _dirs_with_files(folder):
+        for sid in _quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(directory)) or ():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid)
+            info = _dicom_info(files[0]) if files else None
+            if info is not None:
+                modality, description = info
+                candidates.append((modality == "CT", len(files), sid, files, description,
+                                   modality))
+    if not candidates:
+        raise InputError(f"{folder}: no readable DICOM series found in this folder.")
+    if not any(c[0] for c in candidates):
+        found = ", ".join(sorted({c[5] or "unknown" for c in candidates}))
+        raise InputError(f"{folder}: holds DICOM series of modality {found} but no CT series.")
+    _, count, sid, files, description, _ = max(c for c in candidates if c[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: DICOM series {sid} could not be read "
+                         f"({_first_line(exc)}).") from None
+    note = ""
+    if len(candidates) > 1:
+        note = (f"{folder}: {len(candidates)} DICOM series found; using the largest CT series "
+                f"{sid} ({count} images{', ' + description if description else ''}).")
+    return image, note
+
+
+def _quietly(function, *args):
+    """Call an ITK function without its console warnings (GDCM warns on every non-DICOM file)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return function(*args)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _dirs_with_files(folder: Path):
+    for directory, _, names in os.walk(folder):
+        if names:
+            yield Path(directory)
+
+
+def _dicom_info(filename: str) -> tuple[str, str] | None:
+    """(modality, series description) of one DICOM file, or None when it is unreadable."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(filename)
+    try:
+        header.ReadImageInformation()
+    except RuntimeError:
+        return None
+    def tag(key):
+        return header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
+    return tag("0008|0060").upper(), tag("0008|103e")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with a file/line banner; the description is the informative part
+    for ln in lines:
+        if ln.lower().startswith("description:"):
+            return ln.split(":", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_image(path: str | os.PathLike, what: str = "image") -> tuple[sitk.Image, str]:
+    """Read a volume file or DICOM folder as a 3-D SimpleITK image (no CT checks)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder.")
+    note = ""
+    if p.is_dir():
+        image, note = _read_dicom_folder(p)
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            if "spacing" in str(exc).lower():  # ITK refuses zero spacing while reading
+                raise InputError(f"{p}: voxel spacing is zero or negative; the file's header "
+                                 "is damaged.") from None
+            raise InputError(f"{p}: cannot read this {what} ({_first_line(exc)}); it may be "
+                             "truncated or not a supported format (NIfTI, NRRD, MHA/MHD, "
+                             "DICOM folder).") from None
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(p, image)
+    return _as_3d(image, str(p)), note
+
+
+def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
+    """ITK zero-fills a truncated NIfTI (.nii and .nii.gz) silently; check the data length."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            length = len(header)
+            while chunk := f.read(1 << 24):
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{path}: the compressed file is truncated or damaged; copy it again "
+                         "from its source.") from None
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348:  # NIfTI-1: vox_offset is a float32 at byte 108
+            offset = struct.unpack(order + "f", header[108:112])[0]
+            break
+        if size == 540:  # NIfTI-2: int64 at byte 168
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return
+    needed = int(offset) + image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() * \
+        image.GetNumberOfComponentsPerPixel()
+    if length < needed:
+        raise InputError(f"{path}: the file is truncated ({length} of {needed} bytes of "
+                         "image data); copy it again from its source.")
+
+
+def _check_geometry(image: sitk.Image, source: str) -> None:
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{source}: voxel spacing {tuple(spacing)} is zero or negative; the "
+                         "file's header is damaged.")
+    if min(image.GetSize()) < 1:
+        raise InputError(f"{source}: the image is empty (size {image.GetSize()}).")
+
+
+def looks_like_hu(array: np.ndarray) -> bool:
+    """CT in Hounsfield units holds air or lung (below -900 HU) and tissue (above -200 HU).
+
+    Padding outside the scan field (-2000 HU and below, e.g. -3024) is ignored. MR, raw
+    detector values (0..4095) and normalised images have no voxels near -1000 and fail.
+    """
+    sample = array[:: max(1, array.shape[0] // 64)]
+    valid = sample[sample > -1500]
+    if valid.size == 0:
+        return False
+    air = np.count_nonzero((valid > -1100) & (valid < -900)) / valid.size
+    tissue = np.count_nonzero((valid > -200) & (valid < 3500)) / valid.size
+    return air >= 0.002 and tissue >= 0.002 and np.percentile(valid, 99) < 4000
+
+
+def read_ct(path: str | os.PathLike, log=None) -> Volume:
+    """Read and validate a CT volume in HU. Raises InputError with a one-line reason."""
+    image, note = read_image(path, "CT")
+    if note and log:
+        log(note)
+    source = str(path)
+    _check_geometry(image, source)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise InputError(f"{source}: contains NaN or infinite values; it is not a valid CT.")
+    if array.size == 0 or float(array.min()) == float(array.max()):
+        raise InputError(f"{source}: every voxel has the same value; the image holds no data.")
+    if not looks_like_hu(array):
+        raise InputError(f"{source}: does not look like CT in Hounsfield units (no air near "
+                         "-1000 HU and soft tissue near 0 HU); expected a CT rescaled to HU, "
+                         "not MR or raw scanner values.")
+    return Volume(array, Geometry.of(image), source)
+
+
+def read_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
+    """Read an integer label map (lung mask, lobes) with its own geometry."""
+    image, _ = read_image(path, what)
+    _check_geometry(image, str(path))
+    array = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.isfinite(array).all() or not np.all(array == np.round(array)):
+            raise InputError(f"{path}: a {what} must hold whole-number labels.")
+        array = array.astype(np.int32)
+    return Volume(array, Geometry.of(image), str(path))
+
+
+def to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    return geometry.apply(sitk.GetImageFromArray(array))
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write atomically: into a temporary folder beside the target, then renamed into place.
+
+    Header + data formats (.mhd/.raw, .nhdr) produce two files; the header moves last so a
+    reader never sees a header without its data.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        sitk.WriteImage(to_image(array, geometry), str(staging / target.name), True)
+        written = sorted(staging.iterdir(), key=lambda f: f.name == target.name)
+        for f in written:
+            os.replace(f, target.parent / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
