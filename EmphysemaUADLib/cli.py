@@ -78,7 +78,77 @@ def _run_phantom(args) -> int:
     return 0
 
 
-COMMANDS = [_add_lungs, _add_phantom]
+# --- detect ------------------------------------------------------------------------------
+def _add_detect(sub) -> None:
+    p = sub.add_parser("detect", help="detect and stage emphysema in one or many CTs",
+                       description="Detect emphysema: per case an anomaly map, a label map, "
+                                   "the regions, report.json and overlay.png; summary.csv is "
+                                   "the worklist of all cases, highest anomaly score first.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="CT file, DICOM series folder, or folder of cases")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for the results")
+    p.add_argument("--model", help="checkpoint (.pt); default: the bundled model")
+    p.add_argument("--lobes", help="lobe segmentation of the (single) case: TotalSegmentator "
+                                   "file or folder, lungmask LTRCLobes, or labels + JSON legend")
+    p.add_argument("--staging", help="staging.json from `emphysema-uad calibrate`")
+    p.add_argument("--threshold", type=float,
+                   help="anomaly probability above which a voxel is emphysema "
+                        "(default: the model's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    p.set_defaults(run=_run_detect)
+
+
+def _run_detect(args) -> int:
+    from .batch import run_batch
+    from .detection import Detector
+    from .progress import Progress
+
+    progress = Progress(args.progress)
+    try:
+        detector = Detector.load(args.model, args.device, args.threshold, args.staging,
+                                 args.batch_size)
+        failed = run_batch(args.inputs, args.output_dir, detector, args.lobes, progress)
+    except InputError as exc:
+        if args.progress != "json":
+            raise
+        progress.event("error", str(exc))
+        return 2
+    return 1 if failed else 0
+
+
+# --- calibrate ---------------------------------------------------------------------------
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit cohort staging (4-component Gaussian mixture)",
+                       description="Fit a 4-component Gaussian mixture on the whole-lung "
+                                   "emphysema indices of a cohort's detect results; "
+                                   "components are named by the order of their means.")
+    p.add_argument("cases", nargs="+", metavar="CASES",
+                   help="detect output folders, report.json or summary.csv files")
+    p.add_argument("--output", "-o", required=True, help="staging.json to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    import json
+
+    from .report import write_text_atomic
+    from .staging import calibrate, cohort_indices
+
+    indices = cohort_indices(args.cases)
+    staging = calibrate(indices, seed=args.seed)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(staging.to_dict(), indent=2))
+    cuts = ", ".join(f"{c:.2f} %" for c in staging.cutpoints)
+    print(f"{len(indices)} cases; cut-points None|Mild|Moderate|Severe at {cuts}\n"
+          f"written: {out}")
+    return 0
+
+
+COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

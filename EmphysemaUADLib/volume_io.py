@@ -112,6 +112,38 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     return image, note
 
 
+def _holds_dicom(folder: Path) -> bool:
+    return bool(_quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder)))
+
+
+def find_cases(path: str | os.PathLike) -> list[Path]:
+    """The CT cases an input names: a volume file, a DICOM series folder, or a folder of
+    cases (each volume file, and each subfolder holding DICOM files, is one case)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder.")
+    if p.is_file() or _holds_dicom(p):
+        return [p]
+    cases = []
+    for child in sorted(p.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if is_volume_file(child) or (child.is_dir() and
+                                     any(_holds_dicom(d) for d in _dirs_with_files(child))):
+            cases.append(child)
+    if not cases:
+        raise InputError(f"{p}: holds no CT: no NIfTI/NRRD/MHA/MHD file and no DICOM series.")
+    return cases
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _quietly(function, *args):
     """Call an ITK function without its console warnings (GDCM warns on every non-DICOM file)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()

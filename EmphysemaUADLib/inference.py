@@ -1,0 +1,94 @@
+"""The network over a CT: lung-box slices in batches, back into the CT's own grid.
+
+Slices are cropped to the lungs' in-plane bounding box (padded with air to a multiple of 16,
+as the U-Net needs), streamed through the network a batch at a time, and the anomaly
+probabilities written straight into a map of the CT's shape: memory on the device is bounded
+by the batch, whatever the number of slices.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .intensity import hu_to_unit
+
+MULTIPLE = 16  # four 2x down-steps
+BOX_MARGIN = 8  # voxels of context around the lungs
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
+                         "(is a CUDA build of torch installed?); use --device cpu or auto.")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) slices of the lungs' bounding box, in-plane margin included; None if empty."""
+    nonzero = [np.flatnonzero(lungs.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+    if any(len(n) == 0 for n in nonzero):
+        return None
+    z, y, x = nonzero
+    return (slice(z[0], z[-1] + 1),
+            slice(max(y[0] - margin, 0), min(y[-1] + 1 + margin, lungs.shape[1])),
+            slice(max(x[0] - margin, 0), min(x[-1] + 1 + margin, lungs.shape[2])))
+
+
+def _padded(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
+    n, h, w = batch_hu.shape
+    ph, pw = -h % MULTIPLE, -w % MULTIPLE
+    if ph or pw:
+        batch_hu = np.pad(batch_hu, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)),
+                          constant_values=-1000.0)
+    return batch_hu, ph // 2, pw // 2
+
+
+def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        _, logit = model(x)
+    return torch.sigmoid(logit.float())
+
+
+def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
+                    device: torch.device, batch_size: int = 8, progress=None) -> np.ndarray:
+    """Voxel anomaly probabilities (float32, CT shape); zero outside the lungs."""
+    anomaly = np.zeros(hu.shape, np.float32)
+    box = lung_box(lungs)
+    if box is None:
+        return anomaly
+    zs, ys, xs = box
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    total = zs.stop - zs.start
+    done = 0
+    with torch.inference_mode():
+        while done < total:
+            chunk = slice(zs.start + done, min(zs.start + done + batch_size, zs.stop))
+            batch, top, left = _padded(hu[chunk, ys, xs].astype(np.float32))
+            x = torch.from_numpy(hu_to_unit(batch)[:, None]).to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                prob = _forward(model, x, device)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                batch_size //= 2
+                if progress:
+                    progress.log(f"out of GPU memory; batch size halved to {batch_size}",
+                                 level="warning")
+                continue
+            h, w = ys.stop - ys.start, xs.stop - xs.start
+            anomaly[chunk, ys, xs] = prob[:, 0, top:top + h, left:left + w].cpu().numpy()
+            done = chunk.stop - zs.start
+            if progress:
+                progress.step(done, total, stage="network")
+    anomaly[lungs == 0] = 0.0
+    return anomaly
