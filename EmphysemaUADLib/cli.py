@@ -148,7 +148,80 @@ def _run_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate]
+# --- train -------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on healthy CTs (self-supervised)",
+                       description="Train EDLNet on CTs of healthy lungs into which "
+                                   "emphysema-like lesions are synthesised. MODEL_DIR/best.pt "
+                                   "(best validation AUROC) is the model for `detect --model`; "
+                                   "MODEL_DIR/last.pt holds the state for --resume. Ctrl-C "
+                                   "stops after the current step and keeps the run resumable. "
+                                   "Multi-GPU: launch with torchrun --nproc_per_node N.")
+    p.add_argument("healthy", nargs="+", metavar="HEALTHY_DIR",
+                   help="folder(s) of healthy chest CTs (volume files and DICOM series "
+                        "folders, searched recursively)")
+    p.add_argument("--output", "-o", required=True, metavar="MODEL_DIR",
+                   help="folder for best.pt, last.pt and the slice cache")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--width", type=int, default=64, help="network width (64 = published)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per step and process")
+    p.add_argument("--size", type=int, default=384,
+                   help="slice size of the cache (lung box padded or cropped to it)")
+    p.add_argument("--patch-size", type=int,
+                   help="train on random patches of this size (faster on CPU; the network "
+                        "is fully convolutional)")
+    p.add_argument("--steps-per-epoch", type=int,
+                   help="steps per epoch (default: one pass over the training slices)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the cases held out for validation")
+    p.add_argument("--anomaly-loss", choices=("mse", "bce"), default="mse",
+                   help="anomaly term: MSE of the probability (published) or BCE with logits")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate of AdamW (1e-4 published; short runs need more)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in MODEL_DIR from last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    p.add_argument("--cache-dir", help="slice cache folder (default: MODEL_DIR/cache)")
+    p.add_argument("--workers", type=int,
+                   help="data loading processes (default: 0 on CPU, up to 12 on a GPU)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    import traceback
+
+    from .progress import Progress
+    from .training import TrainOptions, train
+
+    progress = Progress(args.progress)
+    options = TrainOptions(
+        healthy=args.healthy, output=args.output, epochs=args.epochs, width=args.width,
+        batch_size=args.batch_size, size=args.size, patch_size=args.patch_size,
+        steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
+        anomaly_loss=args.anomaly_loss, lr=args.lr, device=args.device, resume=args.resume,
+        cache_dir=args.cache_dir, workers=args.workers)
+    try:
+        result = train(options, progress)
+    except Exception as exc:
+        if args.progress != "json":
+            raise
+        if not isinstance(exc, InputError):
+            traceback.print_exc(file=sys.stderr)
+        progress.event("error", str(exc) if isinstance(exc, InputError)
+                       else f"{type(exc).__name__}: {exc}")
+        return 2 if isinstance(exc, InputError) else 1
+    if result.interrupted_by:
+        return result.exit_code
+    if args.progress != "json":
+        auroc = "n/a" if result.best_auroc is None else f"{result.best_auroc:.4f}"
+        print(f"best model: {result.best_path} (validation AUROC {auroc})\n"
+              f"last state: {result.last_path}")
+    return 0
+
+
+COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,669 @@
+"""3D Slicer module: detect and stage emphysema on a CT volume; train a model on healthy CTs.
+
+Kept thin: the work is done by the EmphysemaUADLib package (no Qt), which this module finds
+beside its own folder (source checkout and built extension alike). Training, and detection
+when asked, run as a separate `python -m EmphysemaUADLib ... --progress json` process that a
+timer polls, so the application never freezes.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional, Union
+
+import qt
+import slicer
+import vtk
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode, vtkMRMLTableNode)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+# EmphysemaUADLib lies beside this module's folder (source checkout: the repository root;
+# built extension: the folder above qt-scripted-modules)
+_LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+if (_LIBRARY_PARENT / "EmphysemaUADLib").is_dir() and str(_LIBRARY_PARENT) not in sys.path:
+    sys.path.insert(0, str(_LIBRARY_PARENT))
+
+MODEL_SOURCES = ["Bundled model", "Checkpoint file"]
+DEVICES = ["auto", "cuda", "cpu"]
+POLL_INTERVAL_MS = 250
+# what the library needs beyond Slicer's own Python (torch comes from the PyTorch extension)
+PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.21", "sklearn": "scikit-learn>=1.3"}
+TORCH_REQUIREMENT = ">=2.1"
+
+
+class EmphysemaUAD(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Emphysema UAD"
+        self.parent.categories = ["Chest Imaging"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["EmphysemaUAD developers"]
+        self.parent.helpText = (
+            "Detects emphysema on chest CT with a network trained only on healthy lungs, and "
+            "stages it per lobe (with a lobe segmentation) or per lung zone. The Training tab "
+            "trains a model on a folder of healthy CTs in a separate process. Research use "
+            "only; not a medical device.")
+        self.parent.acknowledgementText = (
+            "Unsupervised anomaly detection after the EDLNet method; PyTorch through the "
+            "PyTorch extension.")
+
+
+@parameterNodeWrapper
+class EmphysemaUADParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    lobes: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    modelSource: Annotated[str, Choice(MODEL_SOURCES)] = MODEL_SOURCES[0]
+    modelPath: Path = Path()
+    threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    runInBackground: bool = True
+    outputSegmentation: vtkMRMLSegmentationNode
+    outputAnomaly: vtkMRMLScalarVolumeNode
+    outputTable: vtkMRMLTableNode
+    trainData: Path = Path()
+    trainOutput: Path = Path()
+    epochs: int = 100
+    width: int = 64
+    batchSize: int = 32
+    trainDevice: Annotated[str, Choice(DEVICES)] = "auto"
+    resume: bool = False
+
+
+# --- dependencies ---------------------------------------------------------------------------
+def ensureDependencies() -> bool:
+    """PyTorch through the PyTorch extension and the library's pip packages, each installed
+    only after the user agrees. False when something is still missing."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(
+                "Emphysema UAD needs PyTorch. Install the 'PyTorch' extension from the "
+                "Extensions Manager, restart Slicer, then run again.")
+            return False
+        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torch_logic.torchInstalled():
+            # installTorch asks the user first (askConfirmation) and picks the CUDA build
+            if torch_logic.installTorch(askConfirmation=True,
+                                        torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                slicer.util.errorDisplay("PyTorch was not installed; detection and training "
+                                         "need it.")
+                return False
+    missing = []
+    for module, requirement in PIP_REQUIREMENTS.items():
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(requirement)
+    if missing:
+        if not slicer.util.confirmOkCancelDisplay(
+                f"Emphysema UAD needs these Python packages: {', '.join(missing)}. "
+                "Install them now into Slicer's Python?", "Missing Python packages"):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(missing)
+    return True
+
+
+def deviceDescription() -> str:
+    """What 'auto' will use: the GPU's name and free memory, or the CPU."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed yet; it is offered on the first run."
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return (f"GPU: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of "
+                f"{total / 2**30:.1f} GiB free")
+    return "No CUDA GPU visible to PyTorch: runs on the CPU (minutes per CT)."
+
+
+# --- logic ------------------------------------------------------------------------------------
+class SlicerProgress:
+    """The library's progress interface, shown on a progress bar and status label; keeps the
+    application painting while detection runs in-process."""
+
+    def __init__(self, bar=None, label=None):
+        self.bar, self.label = bar, label
+
+    def step(self, step, total, **fields):
+        if self.bar is not None:
+            self.bar.setValue(int(100 * step / max(total, 1)))
+        slicer.app.processEvents()
+
+    def event(self, name, message=None, **fields):
+        if self.label is not None and message:
+            self.label.setText(message)
+        slicer.app.processEvents()
+
+    def log(self, message, level="info"):
+        self.event("log", message)
+
+
+class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
+    def getParameterNode(self):
+        return EmphysemaUADParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def modelPath(parameters) -> Optional[str]:
+        """The checkpoint to use; None for the bundled model."""
+        from EmphysemaUADLib.errors import InputError
+
+        if parameters.modelSource == MODEL_SOURCES[0]:
+            return None
+        path = Path(parameters.modelPath)
+        if not path.is_file():
+            raise InputError(f"{path}: no such checkpoint file; choose a .pt file or the "
+                             "bundled model.")
+        return str(path)
+
+    @staticmethod
+    def writeLobes(lobesNode, ctNode, folder: Path) -> Optional[Path]:
+        """Lobes from a Slicer node as a label map + JSON legend (the form the library's
+        `--lobes` reads), on the CT's grid."""
+        if lobesNode is None:
+            return None
+        import json
+
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.volume_io import write_volume
+
+        regions, legend = mrml.regions_from_node(lobesNode, ctNode)
+        ct = mrml.volume_from_node(ctNode)
+        path = write_volume(regions, ct.geometry, folder / "lobes.nrrd")
+        (folder / "lobes.json").write_text(json.dumps({str(k): v for k, v in legend.items()}))
+        return path
+
+    def detect(self, ctNode, lobesNode=None, modelPath=None, threshold=None, device="auto",
+               outputs=(None, None, None), progress=None):
+        """Detection in this process; returns the output nodes (mrml.OutputNodes)."""
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.detection import Detector, detect_case
+
+        ct = mrml.volume_from_node(ctNode)
+        detector = Detector.load(modelPath, device, threshold)
+        with tempfile.TemporaryDirectory(prefix="EmphysemaUAD-") as tmp:
+            lobes = self.writeLobes(lobesNode, ctNode, Path(tmp))
+            result = detect_case(ct, detector, lobes=lobes, progress=progress,
+                                 log=progress.log if progress else None)
+        return mrml.result_to_nodes(result, ctNode, *outputs)
+
+    def startBackgroundDetection(self, ctNode, lobesNode=None, modelPath=None, threshold=None,
+                                 device="auto"):
+        """Writes the CT (and lobes) to a temporary folder and starts `detect` on it; returns
+        (process, folder). `backgroundDetectionNodes` turns the finished folder into nodes."""
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.process import BackgroundProcess
+        from EmphysemaUADLib.volume_io import write_volume
+
+        folder = Path(tempfile.mkdtemp(prefix="EmphysemaUAD-"))
+        ct = mrml.volume_from_node(ctNode)
+        args = ["detect", write_volume(ct.array, ct.geometry, folder / "ct.nrrd"),
+                "--output-dir", folder / "out", "--device", device]
+        lobes = self.writeLobes(lobesNode, ctNode, folder)
+        args += ["--lobes", lobes] if lobes else []
+        args += ["--model", modelPath] if modelPath else []
+        args += ["--threshold", threshold] if threshold is not None else []
+        return BackgroundProcess.cli(args).start(), folder
+
+    @staticmethod
+    def backgroundDetectionNodes(folder: Path, ctNode, outputs=(None, None, None)):
+        import json
+        import shutil
+
+        import SimpleITK as sitk
+
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.volume_io import read_labels
+
+        case = folder / "out" / "ct"
+        try:
+            report = json.loads((case / "report.json").read_text())
+            emphysema = read_labels(case / "emphysema.nii.gz").array.astype("uint8")
+            anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "anomaly_map.nii.gz")))
+            return mrml.arrays_to_nodes(ctNode, emphysema, anomaly, report["regions"],
+                                        report["region_kind"], *outputs)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def startTraining(parameters):
+        from EmphysemaUADLib.errors import InputError
+        from EmphysemaUADLib.process import BackgroundProcess
+
+        data, output = Path(parameters.trainData), Path(parameters.trainOutput)
+        if not str(parameters.trainData) or str(parameters.trainData) == "." or \
+                not data.is_dir():
+            raise InputError(f"{data}: choose the folder of healthy CTs to train on.")
+        if not str(parameters.trainOutput) or str(parameters.trainOutput) == ".":
+            raise InputError("choose an output folder for the trained model.")
+        if parameters.resume and not (output / "last.pt").is_file():
+            raise InputError(f"{output}: holds no last.pt to resume from; untick Resume.")
+        args = ["train", data, "--output", output, "--epochs", parameters.epochs,
+                "--width", parameters.width, "--batch-size", parameters.batchSize,
+                "--device", parameters.trainDevice]
+        args += ["--resume"] if parameters.resume else []
+        return BackgroundProcess.cli(args).start()
+
+
+# --- widget -----------------------------------------------------------------------------------
+class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.detectProcess = None
+        self.detectFolder = None
+        self.detectInput = None
+        self.trainProcess = None
+        self.trainedModel = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/EmphysemaUAD.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = EmphysemaUADLogic()
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.timeout.connect(self.pollProcesses)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.cancelDetectButton.connect("clicked(bool)", self.onCancelDetect)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.cancelTrainingButton.connect("clicked(bool)", self.onCancelTraining)
+        self.ui.useTrainedModelButton.connect("clicked(bool)", self.onUseTrainedModel)
+        self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
+        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
+        self.ui.deviceInfoLabel.setText(deviceDescription())
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+        self.timer.stop()
+        for process in (self.detectProcess, self.trainProcess):
+            if process is not None:
+                process.kill()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None):
+        p = self._parameterNode
+        detecting = self.detectProcess is not None
+        training = self.trainProcess is not None
+        self.ui.detectButton.enabled = bool(p and p.inputVolume) and not detecting
+        self.ui.modelPathLineEdit.enabled = bool(p and p.modelSource == MODEL_SOURCES[1])
+        self.ui.cancelDetectButton.enabled = detecting
+        self.ui.startTrainingButton.enabled = not training
+        self.ui.cancelTrainingButton.enabled = training
+        self.ui.useTrainedModelButton.enabled = self.trainedModel is not None and not training
+        hasResults = bool(p and p.outputSegmentation and p.outputTable)
+        for button in (self.ui.exportSegmentationButton, self.ui.exportLabelmapButton,
+                       self.ui.exportTableButton):
+            button.enabled = hasResults
+        from_dicom = False
+        if hasResults and p.inputVolume:
+            from EmphysemaUADLib.mrml import came_from_dicom
+            from_dicom = came_from_dicom(p.inputVolume)
+        self.ui.exportDicomSegButton.enabled = from_dicom
+
+    # --- detection ----------------------------------------------------------------------
+    def _outputs(self):
+        p = self._parameterNode
+        return (p.outputSegmentation, p.outputAnomaly, p.outputTable)
+
+    def onDetect(self):
+        with slicer.util.tryWithErrorDisplay("Detection failed.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            p = self._parameterNode
+            modelPath = self.logic.modelPath(p)
+            self.ui.detectStatusLabel.setText("Starting...")
+            self.ui.detectProgressBar.setValue(0)
+            if p.runInBackground:
+                self.detectInput = p.inputVolume
+                self.detectProcess, self.detectFolder = self.logic.startBackgroundDetection(
+                    p.inputVolume, p.lobes, modelPath, p.threshold, p.device)
+                self.timer.start()
+                self.updateButtons()
+                return
+            progress = SlicerProgress(self.ui.detectProgressBar, self.ui.detectStatusLabel)
+            nodes = self.logic.detect(p.inputVolume, p.lobes, modelPath, p.threshold,
+                                      p.device, self._outputs(), progress)
+            self.showResults(p.inputVolume, nodes)
+
+    def onCancelDetect(self):
+        if self.detectProcess is not None:
+            self.detectProcess.cancel(grace_s=5)
+            self.ui.detectStatusLabel.setText("Cancelling...")
+
+    def showResults(self, ctNode, nodes):
+        p = self._parameterNode
+        p.outputSegmentation, p.outputAnomaly, p.outputTable = \
+            nodes.segmentation, nodes.anomaly, nodes.table
+        slicer.util.setSliceViewerLayers(background=ctNode, foreground=nodes.anomaly,
+                                         foregroundOpacity=0.4, fit=True)
+        nodes.segmentation.GetDisplayNode().SetOpacity2DFill(0.3)
+        self.ui.resultsTableView.setMRMLTableNode(nodes.table)
+        whole = nodes.table.GetTable()
+        stage = whole.GetValueByName(0, "stage").ToString() if whole.GetNumberOfRows() else "?"
+        index = whole.GetValueByName(0, "emphysema_index_percent").ToDouble() \
+            if whole.GetNumberOfRows() else float("nan")
+        self.ui.detectProgressBar.setValue(100)
+        self.ui.detectStatusLabel.setText(f"Whole lung: stage {stage}, emphysema index "
+                                          f"{index:.2f} %.")
+        self.updateButtons()
+
+    def finishBackgroundDetection(self):
+        process, folder, ctNode = self.detectProcess, self.detectFolder, self.detectInput
+        self.detectProcess = self.detectFolder = self.detectInput = None
+        if process.returncode == 0:
+            with slicer.util.tryWithErrorDisplay("Could not load the detection results.",
+                                                 waitCursor=True):
+                self.showResults(ctNode, self.logic.backgroundDetectionNodes(
+                    folder, ctNode, self._outputs()))
+        else:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+            if process.cancelled:
+                self.ui.detectStatusLabel.setText("Detection cancelled.")
+            else:
+                self.ui.detectStatusLabel.setText("Detection failed.")
+                slicer.util.errorDisplay("Detection failed.", detailedText="\n".join(
+                    process.stderr_tail))
+        self.updateButtons()
+
+    # --- training -----------------------------------------------------------------------
+    def onStartTraining(self):
+        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            self.trainedModel = None
+            self.ui.trainLogTextEdit.clear()
+            self.ui.trainProgressBar.setValue(0)
+            self.trainProcess = self.logic.startTraining(self._parameterNode)
+            self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
+            self.timer.start()
+            self.updateButtons()
+
+    def onCancelTraining(self):
+        if self.trainProcess is not None:
+            self.trainProcess.cancel()
+            self.ui.trainStatusLabel.setText("Stopping: saving last.pt...")
+
+    def trainLog(self, text):
+        self.ui.trainLogTextEdit.appendPlainText(text)
+
+    def onTrainEvent(self, event):
+        kind = event.get("event")
+        if kind == "step":
+            self.ui.trainProgressBar.setValue(int(100 * event["step"] / max(event["total"], 1)))
+            eta = event.get("eta_s")
+            loss = event.get("loss")
+            self.ui.trainStatusLabel.setText(
+                f"step {event['step']}/{event['total']}"
+                + (f", loss {loss:.4f}" if loss is not None else "")
+                + (f", about {formatDuration(eta)} left" if eta is not None else ""))
+        elif kind == "error":
+            self.trainLog(f"error: {event.get('message', '')}")
+        elif kind != "log" or event.get("level") != "debug":
+            fields = {k: v for k, v in event.items() if k not in ("event", "message")}
+            self.trainLog(f"[{kind}] {event.get('message', '')} "
+                          f"{' '.join(f'{k}={v}' for k, v in fields.items())}".rstrip())
+
+    def finishTraining(self):
+        process, self.trainProcess = self.trainProcess, None
+        output = Path(self._parameterNode.trainOutput)
+        code = process.returncode
+        if code == 0 and (output / "best.pt").is_file():
+            self.trainedModel = output / "best.pt"
+            self.ui.trainStatusLabel.setText(f"Training finished: {self.trainedModel}")
+            if slicer.util.confirmYesNoDisplay("Training finished. Use the new model in the "
+                                               "Detect tab?"):
+                self.onUseTrainedModel()
+        elif process.cancelled or code in (130, 143):
+            self.ui.trainStatusLabel.setText(
+                f"Training cancelled. {output / 'last.pt'} can be resumed: tick 'Resume' and "
+                "start again.")
+        else:
+            self.ui.trainStatusLabel.setText(f"Training failed (exit code {code}); see the log.")
+            for line in process.stderr_tail:
+                self.trainLog(line)
+        self.updateButtons()
+
+    def onUseTrainedModel(self):
+        if self.trainedModel is None:
+            return
+        self._parameterNode.modelSource = MODEL_SOURCES[1]
+        self._parameterNode.modelPath = self.trainedModel
+        self.ui.tabWidget.setCurrentIndex(0)
+
+    # --- polling ------------------------------------------------------------------------
+    def pollProcesses(self):
+        if self.detectProcess is not None:
+            for event in self.detectProcess.poll():
+                if event.get("event") == "step":
+                    self.ui.detectProgressBar.setValue(
+                        int(100 * event["step"] / max(event["total"], 1)))
+                elif event.get("message") and event.get("level") != "debug":
+                    self.ui.detectStatusLabel.setText(event["message"][:200])
+            if self.detectProcess.finished:
+                self.finishBackgroundDetection()
+        if self.trainProcess is not None:
+            for event in self.trainProcess.poll():
+                self.onTrainEvent(event)
+            if self.trainProcess.finished:
+                self.finishTraining()
+        if self.detectProcess is None and self.trainProcess is None:
+            self.timer.stop()
+
+    # --- export -------------------------------------------------------------------------
+    def _saveName(self, title, suggestion, filters):
+        return qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), title,
+                                              os.path.join(qt.QDir.homePath(), suggestion),
+                                              filters)
+
+    def onExportSegmentation(self):
+        from EmphysemaUADLib import mrml
+        p = self._parameterNode
+        path = self._saveName("Save segmentation", f"{p.inputVolume.GetName()}_emphysema.seg.nrrd",
+                              "Segmentation (*.seg.nrrd)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not save the segmentation."):
+                mrml.save_segmentation(p.outputSegmentation, path)
+
+    def onExportLabelmap(self):
+        from EmphysemaUADLib import mrml
+        p = self._parameterNode
+        path = self._saveName("Save label map", f"{p.inputVolume.GetName()}_emphysema.nii.gz",
+                              "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not save the label map."):
+                mrml.save_label_map(p.outputSegmentation, p.inputVolume, path)
+
+    def onExportDicomSeg(self):
+        # Slicer's own DICOM export dialog, with the segmentation selected
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        with slicer.util.tryWithErrorDisplay("DICOM SEG export failed."):
+            dialog = slicer.qSlicerDICOMExportDialog()
+            dialog.setMRMLScene(slicer.mrmlScene)
+            dialog.execDialog(sh.GetItemByDataNode(self._parameterNode.outputSegmentation))
+
+    def onExportTable(self):
+        from EmphysemaUADLib import mrml
+        p = self._parameterNode
+        path = self._saveName("Save table", f"{p.inputVolume.GetName()}_emphysema.csv",
+                              "CSV (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not save the table."):
+                mrml.save_table_csv(p.outputTable, path)
+
+
+def formatDuration(seconds) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+# --- self-test --------------------------------------------------------------------------------
+class EmphysemaUADTest(ScriptedLoadableModuleTest):
+    """The whole flow on a synthetic phantom inside Slicer: a tiny untrained model, in-process
+    and background detection, result nodes on the input's grid, exports, a short training."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_detection_flow()
+        self.setUp()
+        self.test_training_cancel_is_resumable()
+
+    def _phantomNode(self):
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.phantom import make_phantom
+
+        phantom = make_phantom(3, shape=(24, 96, 96), spacing=(4.0, 3.5, 3.5),
+                               emphysema="severe")
+        return mrml.volume_to_node(phantom.ct, slicer.mrmlScene, "phantom CT")
+
+    @staticmethod
+    def _tinyModel(folder: Path) -> Path:
+        from EmphysemaUADLib.checkpoint import save_checkpoint
+        from EmphysemaUADLib.network import EDLNet
+
+        model = EDLNet(width=4)
+        path = folder / "tiny.pt"
+        save_checkpoint(path, model.state_dict(), {"model": model.config, "input_size": 64,
+                                                    "intensity_window": [-1000, 400],
+                                                    "training": {}})
+        return path
+
+    def _waitFor(self, process, timeout_s=300):
+        import time
+        deadline = time.monotonic() + timeout_s
+        while not process.finished and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertTrue(process.finished, "background process did not finish in time")
+
+    def test_detection_flow(self):
+        import numpy as np
+
+        from EmphysemaUADLib import mrml
+
+        self.delayDisplay("Detection on a phantom")
+        self.assertTrue(ensureDependencies())
+        logic = EmphysemaUADLogic()
+        ctNode = self._phantomNode()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            model = self._tinyModel(tmp)
+            nodes = logic.detect(ctNode, None, str(model), 0.5, "cpu")
+            ct = mrml.volume_from_node(ctNode)
+            self.assertEqual(slicer.util.arrayFromVolume(nodes.anomaly).shape, ct.shape)
+            a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+            ctNode.GetIJKToRASMatrix(a)
+            nodes.anomaly.GetIJKToRASMatrix(b)
+            self.assertTrue(all(a.GetElement(r, c) == b.GetElement(r, c)
+                                for r in range(4) for c in range(4)))
+            emphysema = mrml.segment_array(nodes.segmentation, ctNode)
+            anomaly = slicer.util.arrayFromVolume(nodes.anomaly)
+            self.assertTrue(np.array_equal(emphysema > 0, (anomaly > 0.5) & (emphysema > 0)))
+            table = nodes.table.GetTable()
+            self.assertEqual(table.GetValueByName(0, "region").ToString(), "whole lung")
+            self.assertGreaterEqual(table.GetNumberOfRows(), 3)
+
+            self.delayDisplay("Same detection in a background process")
+            process, folder = logic.startBackgroundDetection(ctNode, None, str(model), 0.5,
+                                                             "cpu")
+            self._waitFor(process)
+            self.assertEqual(process.returncode, 0, "\n".join(process.stderr_tail))
+            again = logic.backgroundDetectionNodes(folder, ctNode)
+            self.assertTrue(np.array_equal(mrml.segment_array(again.segmentation, ctNode),
+                                           emphysema))
+
+            self.delayDisplay("Exports")
+            mrml.save_segmentation(nodes.segmentation, tmp / "e.seg.nrrd")
+            mrml.save_label_map(nodes.segmentation, ctNode, tmp / "e.nii.gz")
+            mrml.save_table_csv(nodes.table, tmp / "t.csv")
+            for name in ("e.seg.nrrd", "e.nii.gz", "t.csv"):
+                self.assertTrue((tmp / name).is_file(), name)
+        self.delayDisplay("Detection flow passed")
+
+    def test_training_cancel_is_resumable(self):
+        from EmphysemaUADLib.volume_io import write_volume
+        from EmphysemaUADLib.phantom import make_phantom
+
+        self.delayDisplay("Training in the background, then Cancel")
+        logic = EmphysemaUADLogic()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for seed in (1, 2):
+                phantom = make_phantom(seed, shape=(16, 64, 64), spacing=(5.0, 5.0, 5.0),
+                                       emphysema="none")
+                write_volume(phantom.ct.array, phantom.ct.geometry,
+                             tmp / "healthy" / f"case{seed}.nii.gz")
+            p = logic.getParameterNode()
+            p.trainData, p.trainOutput = tmp / "healthy", tmp / "model"
+            p.epochs, p.width, p.batchSize, p.trainDevice, p.resume = 1000, 4, 2, "cpu", False
+            process = logic.startTraining(p)
+            import time
+            deadline = time.monotonic() + 120
+            seen = []
+            while time.monotonic() < deadline and not any(
+                    e.get("event") == "step" for e in seen) and not process.finished:
+                seen += process.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            process.cancel()
+            self._waitFor(process, 120)
+            self.assertEqual(process.returncode, 130, "\n".join(process.stderr_tail))
+            self.assertTrue((tmp / "model" / "last.pt").is_file())
+        self.delayDisplay("Training cancel passed")

@@ -1,0 +1,417 @@
+"""MRML glue: Slicer volume nodes in, detection results out as segmentation, volume and table
+nodes. The only library file that imports `slicer` and `vtk`; it needs no Qt and no
+`slicer.app`, so it runs in 3D Slicer and, for tests, on the `slicer-core` package.
+
+Slicer places voxels in RAS, ITK (and so `Geometry`) in LPS: the two differ by the sign of
+the first two axes, of both the origin and the direction rows.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .errors import InputError
+from .regions import LOBES, LTRC_VALUES, TOTALSEGMENTATOR_VALUES, lobe_from_name
+from .staging import STAGES
+from .volume_io import Geometry, Volume, looks_like_hu, write_volume
+
+if TYPE_CHECKING:  # detection imports torch; the glue itself does not need it
+    from .detection import CaseResult
+
+EMPHYSEMA_SEGMENT = "Emphysema"
+EMPHYSEMA_COLOR = (0.93, 0.33, 0.11)
+HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built into every Slicer scene
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+TABLE_COLUMNS = ("region", "volume_ml", "emphysema_index_percent", "laa950_percent",
+                 "perc15_hu", "mean_anomaly", "stage")
+
+
+# --- geometry ----------------------------------------------------------------------------
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(geometry: Geometry) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of a (LPS) Geometry."""
+    direction = np.asarray(geometry.direction, float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = _LPS_RAS @ direction @ np.diag(geometry.spacing)
+    m[:3, 3] = _LPS_RAS @ np.asarray(geometry.origin, float)
+    return m
+
+
+def geometry_of_matrix(m: np.ndarray) -> Geometry:
+    """(LPS) Geometry of a 4x4 IJK-to-RAS matrix."""
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    direction = _LPS_RAS @ m[:3, :3] / spacing
+    origin = _LPS_RAS @ m[:3, 3]
+    return Geometry(tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
+                    tuple(float(d) for d in direction.ravel()))
+
+
+def _world_ijk_to_ras(node) -> np.ndarray:
+    """The node's IJK-to-RAS matrix with its (linear) parent transforms applied."""
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    matrix = _matrix_to_numpy(m)
+    parent = node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(f"{node.GetName()}: lies under a non-linear transform; harden "
+                             "the transform (Data module, right-click) and run again.")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = _matrix_to_numpy(to_world) @ matrix
+    return matrix
+
+
+def _array_of(node) -> np.ndarray:
+    image = node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"{node.GetName()}: the volume holds no image data.")
+    scalars = image.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise InputError(f"{node.GetName()}: has {scalars.GetNumberOfComponents()} components "
+                         "per voxel (colour or vector volume); a CT volume has one.")
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]).copy()
+
+
+def volume_from_node(node) -> Volume:
+    """A scalar volume node as a validated CT Volume in HU, with its exact (world) geometry."""
+    if node is None:
+        raise InputError("no input CT selected; choose a CT volume.")
+    array = _array_of(node).astype(np.float32, copy=False)
+    if not np.isfinite(array).all() or float(array.min()) == float(array.max()):
+        raise InputError(f"{node.GetName()}: holds no usable image (constant, NaN or "
+                         "infinite values).")
+    if not looks_like_hu(array):
+        raise InputError(f"{node.GetName()}: does not look like CT in Hounsfield units (no air "
+                         "near -1000 HU and soft tissue near 0 HU).")
+    return Volume(array, geometry_of_matrix(_world_ijk_to_ras(node)), node.GetName())
+
+
+def _set_array(node, array: np.ndarray, reference=None, geometry: Geometry | None = None):
+    """Fill a volume node with a (z, y, x) array placed like `reference` (node: its own
+    matrix and parent transform) or at `geometry`."""
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    data = np.ascontiguousarray(array).ravel()
+    scalars = numpy_support.numpy_to_vtk(data, deep=True,
+                                         array_type=numpy_support.get_vtk_array_type(data.dtype))
+    image.GetPointData().SetScalars(scalars)
+    node.SetAndObserveImageData(image)
+    if reference is not None:
+        m = vtk.vtkMatrix4x4()
+        reference.GetIJKToRASMatrix(m)
+        node.SetIJKToRASMatrix(m)
+        parent = reference.GetParentTransformNode()
+        node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+    else:
+        node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras(geometry)))
+    return node
+
+
+def volume_to_node(volume: Volume, scene, name: str, node_class="vtkMRMLScalarVolumeNode"):
+    """A new volume node holding `volume` at its geometry (e.g. a CT read from a file)."""
+    node = scene.AddNewNodeByClass(node_class, name)
+    _set_array(node, volume.array, geometry=volume.geometry)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# --- lobes from Slicer nodes --------------------------------------------------------------
+def regions_from_node(node, ct_node) -> tuple[np.ndarray, dict[int, str]]:
+    """Lobe regions on the CT's grid from a segmentation node (segment names say the lobe)
+    or a label map volume node (its colour names say the lobe, or TotalSegmentator 10-14 /
+    lungmask LTRCLobes 1-5 values). Labels and names are those of `regions.LOBES`."""
+    if node.IsA("vtkMRMLSegmentationNode"):
+        segmentation = node.GetSegmentation()
+        ids, labels = vtk.vtkStringArray(), []
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            label = lobe_from_name(segment.GetName())
+            if label is not None:
+                ids.InsertNextValue(segmentation.GetNthSegmentID(i))
+                labels.append(label)
+        if not labels:
+            names = [segmentation.GetNthSegment(i).GetName()
+                     for i in range(segmentation.GetNumberOfSegments())]
+            raise InputError(f"{node.GetName()}: no segment is named after a lobe ({names}); "
+                             "name them e.g. 'right upper lobe' or 'RUL'.")
+        labelmap = node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    node, ids, labelmap, ct_node):
+                raise InputError(f"{node.GetName()}: its segments could not be exported onto "
+                                 "the CT's grid.")
+            exported = _array_of(labelmap)
+        finally:
+            node.GetScene().RemoveNode(labelmap)
+        mapping = {i + 1: label for i, label in enumerate(labels)}  # export numbers 1..n
+    elif node.IsA("vtkMRMLLabelMapVolumeNode"):
+        exported = _resampled_labels(node, ct_node)
+        mapping = _labelmap_lobes(node, set(np.unique(exported).tolist()) - {0})
+    else:
+        raise InputError(f"{node.GetName()}: lobes must be a segmentation or a label map.")
+    lut = np.zeros(int(max(exported.max(), max(mapping))) + 1, np.uint8)
+    for value, label in mapping.items():
+        lut[value] = label
+    regions = lut[np.clip(exported, 0, len(lut) - 1).astype(np.int64)]
+    present = set(np.unique(regions).tolist()) - {0}
+    return regions, {k: v for k, v in LOBES.items() if k in present}
+
+
+def _labelmap_lobes(node, values: set[int]) -> dict[int, int]:
+    colors = node.GetDisplayNode().GetColorNode() if node.GetDisplayNode() else None
+    named = {v: lobe_from_name(colors.GetColorName(v)) for v in values} if colors else {}
+    if named and all(named.values()):
+        return named
+    if values & set(TOTALSEGMENTATOR_VALUES):
+        return dict(TOTALSEGMENTATOR_VALUES)
+    if values and values <= set(LTRC_VALUES):
+        return dict(LTRC_VALUES)
+    raise InputError(f"{node.GetName()}: labels {sorted(values)[:12]} are neither named after "
+                     "lobes nor TotalSegmentator (10-14) or lungmask (1-5) lobe values.")
+
+
+def _resampled_labels(node, ct_node) -> np.ndarray:
+    """A label map's values on the CT's grid (nearest neighbour where the grids differ)."""
+    import SimpleITK as sitk
+
+    from .volume_io import to_image
+
+    labels = _array_of(node)
+    geometry = geometry_of_matrix(_world_ijk_to_ras(node))
+    ct_geometry = geometry_of_matrix(_world_ijk_to_ras(ct_node))
+    ct_shape = ct_node.GetImageData().GetDimensions()[::-1]
+    if labels.shape == tuple(ct_shape) and np.allclose(
+            ijk_to_ras(geometry), ijk_to_ras(ct_geometry), atol=1e-4):
+        return labels
+    resampled = sitk.Resample(to_image(labels, geometry),
+                              to_image(np.zeros(ct_shape, np.uint8), ct_geometry),
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(resampled)
+
+
+# --- results onto nodes -------------------------------------------------------------------
+@dataclass
+class OutputNodes:
+    segmentation: object
+    anomaly: object
+    table: object
+
+
+def emphysema_terminology() -> str:
+    """Serialised terminology entry: SNOMED CT 87433001 "Pulmonary emphysema" in the lung."""
+    entry = slicer.vtkSlicerTerminologyEntry()
+    entry.SetTerminologyContextName("Segmentation category and type - DICOM master list")
+    for coded, (value, meaning) in ((entry.GetCategoryObject(),
+                                     ("49755003", "Morphologically Altered Structure")),
+                                    (entry.GetTypeObject(), ("87433001", "Pulmonary emphysema")),
+                                    (entry.GetRegionObject(), ("39607008", "Lung"))):
+        coded.SetCodingSchemeDesignator("SCT")
+        coded.SetCodeValue(value)
+        coded.SetCodeMeaning(meaning)
+    entry.SetRegionContextName("Anatomic codes - DICOM master list")
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+
+
+def _check_grid(array: np.ndarray, ct_node) -> None:
+    dims = ct_node.GetImageData().GetDimensions()[::-1] if ct_node.GetImageData() else None
+    if dims != array.shape:
+        raise ValueError(f"result of shape {array.shape} does not belong to "
+                         f"{ct_node.GetName()} (shape {dims})")
+
+
+def _fill_segmentation(node, emphysema: np.ndarray, ct_node) -> None:
+    node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    parent = ct_node.GetParentTransformNode()
+    node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+    segmentation = node.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.SetDimensions(emphysema.shape[2], emphysema.shape[1], emphysema.shape[0])
+    data = np.ascontiguousarray(emphysema, dtype=np.uint8).ravel()
+    labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        data, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    m = vtk.vtkMatrix4x4()
+    ct_node.GetIJKToRASMatrix(m)
+    labelmap.SetImageToWorldMatrix(m)
+    segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, EMPHYSEMA_SEGMENT,
+                                                                 EMPHYSEMA_COLOR)
+    segmentation.GetSegment(segment_id).SetTerminology(emphysema_terminology())
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+
+
+def _fill_table(node, measurements: list[dict], region_kind: str) -> None:
+    table = node.GetTable()
+    table.Initialize()
+    columns = [(name, lambda row, name=name: row.get(name)) for name in TABLE_COLUMNS]
+    columns += [(f"p_{stage.lower()}",
+                 lambda row, stage=stage: (row.get("stage_probabilities") or {}).get(stage))
+                for stage in STAGES]
+    for name, value_of in columns:
+        array = vtk.vtkStringArray() if name in ("region", "stage") else vtk.vtkDoubleArray()
+        array.SetName(name)
+        for row in measurements:
+            value = value_of(row)
+            if isinstance(array, vtk.vtkStringArray):
+                array.InsertNextValue("" if value is None else str(value))
+            else:
+                array.InsertNextValue(np.nan if value is None else float(value))
+        table.AddColumn(array)
+    node.SetAttribute("EmphysemaUAD.RegionKind", region_kind)
+    node.SetUseColumnTitleAsColumnHeader(True)
+    node.Modified()
+
+
+def result_to_nodes(result: "CaseResult", ct_node, segmentation=None, anomaly=None,
+                    table=None) -> OutputNodes:
+    """Write a detection result into nodes; see `arrays_to_nodes`."""
+    return arrays_to_nodes(ct_node, result.emphysema, result.anomaly, result.measurements,
+                           result.region_kind, segmentation, anomaly, table)
+
+
+def arrays_to_nodes(ct_node, emphysema: np.ndarray, anomaly_map: np.ndarray,
+                    measurements: list[dict], region_kind: str, segmentation=None,
+                    anomaly=None, table=None) -> OutputNodes:
+    """Detection outputs on the CT's grid into nodes (given ones are reused, missing ones
+    created): an "Emphysema" segment, the anomaly map with a heat colour table, the
+    measurement table. Volumes share the input's IJK-to-RAS matrix and parent transform;
+    all are put under the input's study in the subject hierarchy."""
+    _check_grid(emphysema, ct_node)
+    _check_grid(anomaly_map, ct_node)
+    scene = ct_node.GetScene()
+    base = ct_node.GetName()
+    if segmentation is None:
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                               scene.GenerateUniqueName(f"{base} emphysema"))
+    if anomaly is None:
+        anomaly = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                          scene.GenerateUniqueName(f"{base} anomaly map"))
+    if table is None:
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode",
+                                        scene.GenerateUniqueName(f"{base} emphysema table"))
+    _fill_segmentation(segmentation, emphysema, ct_node)
+    _set_array(anomaly, anomaly_map.astype(np.float32), reference=ct_node)
+    if anomaly.GetDisplayNode() is None:
+        anomaly.CreateDefaultDisplayNodes()
+    display = anomaly.GetDisplayNode()
+    display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    _fill_table(table, measurements, region_kind)
+    place_under_study([segmentation, anomaly, table], ct_node)
+    return OutputNodes(segmentation, anomaly, table)
+
+
+def place_under_study(nodes, ct_node) -> None:
+    """Put nodes under the parent (study) of the input in the subject hierarchy. Slicer's Qt
+    plugins give every node an item; without them (slicer-core) missing items are made."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(ct_node.GetScene())
+    if sh is None:
+        return
+    study = sh.GetItemParent(sh.GetItemByDataNode(ct_node)) or sh.GetSceneItemID()
+    for node in nodes:
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, study)
+        else:
+            sh.CreateItem(study, node)
+
+
+def came_from_dicom(node) -> bool:
+    """True when the volume was loaded from DICOM (it then has instance UIDs)."""
+    return bool(node is not None and node.GetAttribute("DICOM.instanceUIDs"))
+
+
+# --- export -------------------------------------------------------------------------------
+def segment_array(segmentation_node, ct_node, name: str = EMPHYSEMA_SEGMENT) -> np.ndarray:
+    """A segment as a uint8 (z, y, x) mask on the CT's grid."""
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    if not segment_id:
+        raise InputError(f"{segmentation_node.GetName()}: has no segment named {name!r}.")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    scene = ct_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, ct_node)
+        return (_array_of(labelmap) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def _storage_write(storage, node, path: Path) -> Path:
+    """Write through a storage node to a temporary name, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".partial-{path.name}")
+    storage.SetFileName(str(partial))
+    if hasattr(storage, "SetUseCompression"):
+        storage.SetUseCompression(True)
+    if not storage.WriteData(node):
+        partial.unlink(missing_ok=True)
+        raise OSError(f"{path}: could not be written.")
+    partial.replace(path)
+    return path
+
+
+def save_segmentation(node, path) -> Path:
+    """The segmentation as a .seg.nrrd file."""
+    return _storage_write(slicer.vtkMRMLSegmentationStorageNode(), node, Path(path))
+
+
+def load_segmentation(path, scene, name: str | None = None):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or Path(path).name)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"{path}: not a readable segmentation file.")
+    return node
+
+
+def save_label_map(segmentation_node, ct_node, path) -> Path:
+    """The emphysema segment as a label map (1 = emphysema) on the CT's grid, e.g. NIfTI."""
+    mask = segment_array(segmentation_node, ct_node)
+    m = vtk.vtkMatrix4x4()
+    ct_node.GetIJKToRASMatrix(m)  # the node's own placement, as Slicer saves volumes
+    return write_volume(mask, geometry_of_matrix(_matrix_to_numpy(m)), path)
+
+
+def save_table_csv(table_node, path) -> Path:
+    table = table_node.GetTable()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".partial-{path.name}")
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    with open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for r in range(table.GetNumberOfRows()):
+            writer.writerow([_cell(table.GetValue(r, c)) for c in range(len(names))])
+    partial.replace(path)
+    return path
+
+
+def _cell(variant) -> str:
+    text = variant.ToString()
+    return "" if text.lower() == "nan" else text

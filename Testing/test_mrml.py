@@ -1,0 +1,275 @@
+"""MRML glue on real MRML (PyPI `slicer-core`, no Qt): geometry in and out, result nodes,
+export files. Skips where slicer-core is not installed."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+vtk = pytest.importorskip("vtk", reason="vtk is not installed: pip install slicer-core vtk")
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML without Qt) is not "
+                                              "installed: pip install slicer-core vtk")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the `slicer` module found is not slicer-core", allow_module_level=True)
+from vtk.util import numpy_support  # noqa: E402
+
+from EmphysemaUADLib import mrml  # noqa: E402
+from EmphysemaUADLib.errors import InputError  # noqa: E402
+from EmphysemaUADLib.regions import LOBES  # noqa: E402
+from EmphysemaUADLib.volume_io import Geometry, Volume  # noqa: E402
+
+# oblique direction, LPS, anisotropic spacing: every sign and axis swap would show
+_c, _s = np.cos(0.3), np.sin(0.3)
+OBLIQUE = Geometry((0.7, 0.8, 2.5), (-120.5, 33.0, -310.25),
+                   tuple(np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, 1]]).ravel()))
+
+
+class HeadlessSlicer:
+    """A scene with the application logic and the module logics the glue relies on, set
+    up as Slicer's application does at start."""
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.app_logic = slicer.vtkSlicerApplicationLogic()
+        self.app_logic.SetMRMLScene(self.scene)
+        colors = self.app_logic.GetColorLogic()
+        colors.SetMRMLScene(self.scene)
+        colors.AddDefaultColorNodes()
+        self.logics = {}
+        for name, cls in (("Volumes", slicer.vtkSlicerVolumesLogic),
+                          ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                          ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
+            logic = cls()
+            logic.SetMRMLScene(self.scene)
+            logic.SetMRMLApplicationLogic(self.app_logic)
+            self.app_logic.SetModuleLogic(name, logic)
+            self.logics[name] = logic
+
+
+@pytest.fixture
+def app():
+    return HeadlessSlicer()
+
+
+def chest_like(shape=(24, 40, 48), geometry=OBLIQUE, seed=0) -> Volume:
+    """Body (40 HU) around two lungs (-860 HU), air outside: passes the HU check."""
+    rng = np.random.default_rng(seed)
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[:, 4:-4, 4:-4] = 40.0
+    ct[2:-2, 8:-8, 8:22] = -860.0
+    ct[2:-2, 8:-8, 26:-8] = -860.0
+    return Volume(ct + rng.normal(0, 5, shape).astype(np.float32), geometry, "chest")
+
+
+def fake_result(ct: Volume, seed=1):
+    """A CaseResult with a non-trivial label map (what detection would produce)."""
+    from EmphysemaUADLib.detection import CaseResult
+
+    rng = np.random.default_rng(seed)
+    lungs = (ct.array < -500).astype(np.uint8) * (ct.array > -950)
+    anomaly = (rng.random(ct.shape, dtype=np.float32) * lungs).astype(np.float32)
+    emphysema = ((anomaly > 0.7) & (lungs > 0)).astype(np.uint8)
+    rows = [{"region": name, "volume_ml": 100.0 + i, "emphysema_index_percent": 3.0 * i,
+             "laa950_percent": 1.5 * i, "perc15_hu": -900.0 - i, "mean_anomaly": 0.1 * i,
+             "stage": stage, "stage_probabilities": {"None": 0.1, "Mild": 0.2,
+                                                     "Moderate": 0.3, "Severe": 0.4}}
+            for i, (name, stage) in enumerate((("whole lung", "Mild"), ("right lung", "None"),
+                                               ("left lung", "Moderate")))]
+    return CaseResult(ct, lungs, lungs.copy(), {1: "right upper zone"}, "zones", anomaly,
+                      emphysema, rows)
+
+
+def test_geometry_matrix_round_trip():
+    again = mrml.geometry_of_matrix(mrml.ijk_to_ras(OBLIQUE))
+    np.testing.assert_allclose(again.spacing, OBLIQUE.spacing, atol=1e-9)
+    np.testing.assert_allclose(again.origin, OBLIQUE.origin, atol=1e-9)
+    np.testing.assert_allclose(again.direction, OBLIQUE.direction, atol=1e-9)
+
+
+def test_volume_node_matches_what_slicer_writes(app, tmp_path):
+    """The geometry read from a node equals the one SimpleITK reads from the file Slicer's own
+    storage node writes: RAS <-> LPS is converted the way Slicer does."""
+    ct = chest_like()
+    node = mrml.volume_to_node(ct, app.scene, "CT")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp_path / "ct.nrrd"))
+    assert storage.WriteData(node)
+    image = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    back = mrml.volume_from_node(node)
+    np.testing.assert_allclose(back.geometry.spacing, image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.geometry.origin, image.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(back.geometry.direction, image.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(back.array, sitk.GetArrayFromImage(image))
+    np.testing.assert_array_equal(back.array, ct.array)
+
+
+def test_parent_transform_moves_the_geometry(app):
+    node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (10.0, -5.0, 2.0)  # RAS
+    transform.SetMatrixTransformToParent(mrml._numpy_to_matrix(shift))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = mrml.volume_from_node(node).geometry
+    np.testing.assert_allclose(np.subtract(moved.origin, OBLIQUE.origin), (-10.0, 5.0, 2.0),
+                               atol=1e-9)
+
+
+def test_bad_volumes_are_refused(app):
+    with pytest.raises(InputError, match="no input CT"):
+        mrml.volume_from_node(None)
+    mr = Volume(np.random.default_rng(0).random((8, 16, 16)).astype(np.float32) * 500, OBLIQUE)
+    with pytest.raises(InputError, match="Hounsfield"):
+        mrml.volume_from_node(mrml.volume_to_node(mr, app.scene, "MR"))
+    with pytest.raises(InputError, match="no image data"):
+        mrml.volume_from_node(app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty"))
+
+
+def test_result_nodes_overlay_the_input(app, tmp_path):
+    ct = chest_like()
+    ct_node = mrml.volume_to_node(ct, app.scene, "CT")
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
+    study = sh.CreateStudyItem(patient, "study")
+    sh.CreateItem(study, ct_node)
+
+    result = fake_result(mrml.volume_from_node(ct_node))
+    assert result.emphysema.sum() > 100
+    out = mrml.result_to_nodes(result, ct_node)
+
+    ref = mrml.ijk_to_ras(OBLIQUE)
+    m_out = vtk.vtkMatrix4x4()
+    out.anomaly.GetIJKToRASMatrix(m_out)
+    np.testing.assert_allclose(mrml._matrix_to_numpy(m_out), ref, atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.anomaly), result.anomaly)
+    assert out.anomaly.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLOR_NODE_ID
+    assert app.scene.GetNodeByID(mrml.HEAT_COLOR_NODE_ID) is not None
+
+    # the segment, exported on the CT grid, is the label map voxel for voxel
+    np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node),
+                                  result.emphysema)
+    segment = out.segmentation.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "Emphysema"
+    assert "87433001^Pulmonary emphysema" in segment.GetTerminology()
+    reference = out.segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert reference  # reference geometry taken from the input
+
+    # the table: every region and stage
+    table = out.table.GetTable()
+    regions = [table.GetValueByName(r, "region").ToString() for r in range(table.GetNumberOfRows())]
+    stages = [table.GetValueByName(r, "stage").ToString() for r in range(table.GetNumberOfRows())]
+    assert regions == [row["region"] for row in result.measurements]
+    assert stages == [row["stage"] for row in result.measurements]
+    assert table.GetValueByName(2, "p_severe").ToDouble() == pytest.approx(0.4)
+
+    for node in (out.segmentation, out.anomaly, out.table):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+
+    # outputs given back in are reused, not duplicated
+    again = mrml.result_to_nodes(result, ct_node, out.segmentation, out.anomaly, out.table)
+    assert (again.segmentation, again.anomaly, again.table) == \
+        (out.segmentation, out.anomaly, out.table)
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_exports_reload_identical(app, tmp_path):
+    ct_node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    result = fake_result(mrml.volume_from_node(ct_node))
+    out = mrml.result_to_nodes(result, ct_node)
+
+    path = mrml.save_segmentation(out.segmentation, tmp_path / "emphysema.seg.nrrd")
+    reloaded = mrml.load_segmentation(path, app.scene)
+    np.testing.assert_array_equal(mrml.segment_array(reloaded, ct_node), result.emphysema)
+    assert "87433001" in reloaded.GetSegmentation().GetNthSegment(0).GetTerminology()
+
+    nifti = mrml.save_label_map(out.segmentation, ct_node, tmp_path / "emphysema.nii.gz")
+    image = sitk.ReadImage(str(nifti))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), result.emphysema)
+    np.testing.assert_allclose(image.GetOrigin(), OBLIQUE.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), OBLIQUE.direction, atol=1e-5)
+
+    rows = list(csv.DictReader(open(mrml.save_table_csv(out.table, tmp_path / "t.csv"))))
+    assert [r["region"] for r in rows] == [m["region"] for m in result.measurements]
+    assert [r["stage"] for r in rows] == [m["stage"] for m in result.measurements]
+    assert float(rows[1]["emphysema_index_percent"]) == pytest.approx(3.0)
+    assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_lobes_from_a_segmentation_node(app):
+    ct = chest_like(geometry=Geometry((1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    ct_node = mrml.volume_to_node(ct, app.scene, "CT")
+    truth = np.zeros(ct.shape, np.uint8)
+    truth[2:12, 8:-8, 8:22] = 3   # right lower lobe (label 3), named "RLL"
+    truth[12:-2, 8:-8, 26:-8] = 4  # left upper lobe (label 4), named "Left upper lobe"
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lobes")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    for label, name in ((3, "RLL"), (4, "Left upper lobe"), (9, "trachea")):
+        mask = np.zeros(ct.shape, np.uint8)
+        mask[truth == label] = 1
+        if label == 9:
+            mask[0, 0:3, 0:3] = 1
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(ct.shape[2], ct.shape[1], ct.shape[0])
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
+        m = vtk.vtkMatrix4x4()
+        ct_node.GetIJKToRASMatrix(m)
+        image.SetImageToWorldMatrix(m)
+        segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, name, (1, 0, 0))
+    regions, legend = mrml.regions_from_node(segmentation, ct_node)
+    np.testing.assert_array_equal(regions, truth)
+    assert legend == {3: LOBES[3], 4: LOBES[4]}
+
+    unnamed = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
+    unnamed.GetSegmentation().AddEmptySegment("", "tumour")
+    with pytest.raises(InputError, match="no segment is named after a lobe"):
+        mrml.regions_from_node(unnamed, ct_node)
+
+
+def test_lobes_from_a_label_map_node(app):
+    ct = chest_like()
+    ct_node = mrml.volume_to_node(ct, app.scene, "CT")
+    lobes = np.zeros(ct.shape, np.int16)
+    lobes[2:12, 8:-8, 8:22] = 14    # TotalSegmentator: right lower lobe
+    lobes[12:-2, 8:-8, 26:-8] = 10  # TotalSegmentator: left upper lobe
+    label_node = mrml.volume_to_node(Volume(lobes, OBLIQUE), app.scene, "ts",
+                                     "vtkMRMLLabelMapVolumeNode")
+    regions, legend = mrml.regions_from_node(label_node, ct_node)
+    assert set(legend) == {3, 4}
+    np.testing.assert_array_equal(regions == 3, lobes == 14)
+    np.testing.assert_array_equal(regions == 4, lobes == 10)
+
+
+def test_detection_on_a_phantom_node_comes_back_on_its_grid(app, tmp_path):
+    """End to end: phantom -> volume node -> detect_case (tiny untrained model) -> nodes."""
+    from EmphysemaUADLib.checkpoint import save_checkpoint
+    from EmphysemaUADLib.detection import Detector, detect_case
+    from EmphysemaUADLib.network import EDLNet
+    from EmphysemaUADLib.phantom import make_phantom
+
+    phantom = make_phantom(5, shape=(20, 64, 64), spacing=(5.0, 5.0, 5.0), emphysema="severe")
+    ct_node = mrml.volume_to_node(phantom.ct, app.scene, "phantom")
+    model = EDLNet(width=4)
+    save_checkpoint(tmp_path / "tiny.pt", model.state_dict(),
+                    {"model": model.config, "input_size": 64,
+                     "intensity_window": [-1000, 400], "training": {}})
+    ct = mrml.volume_from_node(ct_node)
+    np.testing.assert_allclose(ct.geometry.origin, phantom.ct.geometry.origin, atol=1e-9)
+    np.testing.assert_allclose(ct.geometry.direction, phantom.ct.geometry.direction, atol=1e-9)
+    detector = Detector.load(tmp_path / "tiny.pt", "cpu", threshold=0.5)
+    result = detect_case(ct, detector)
+    out = mrml.result_to_nodes(result, ct_node)
+
+    np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node),
+                                  result.emphysema)
+    m = vtk.vtkMatrix4x4()
+    out.anomaly.GetIJKToRASMatrix(m)
+    np.testing.assert_allclose(mrml._matrix_to_numpy(m), mrml.ijk_to_ras(phantom.ct.geometry),
+                               atol=1e-9)
+    table = out.table.GetTable()
+    assert table.GetNumberOfRows() == len(result.measurements) == 3 + len(result.legend)
+    assert [table.GetValueByName(r, "stage").ToString() for r in range(table.GetNumberOfRows())] \
+        == ["" if row["stage"] is None else row["stage"] for row in result.measurements]
