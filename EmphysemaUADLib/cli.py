@@ -174,6 +174,8 @@ def _add_train(sub) -> None:
                    help="steps per epoch (default: one pass over the training slices)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the cases held out for validation")
+    p.add_argument("--val-slices", type=int, default=256,
+                   help="at most this many held-out slices are validated each epoch")
     p.add_argument("--anomaly-loss", choices=("mse", "bce"), default="mse",
                    help="anomaly term: MSE of the probability (published) or BCE with logits")
     p.add_argument("--lr", type=float, default=1e-4,
@@ -200,8 +202,8 @@ def _run_train(args) -> int:
         healthy=args.healthy, output=args.output, epochs=args.epochs, width=args.width,
         batch_size=args.batch_size, size=args.size, patch_size=args.patch_size,
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
-        anomaly_loss=args.anomaly_loss, lr=args.lr, device=args.device, resume=args.resume,
-        cache_dir=args.cache_dir, workers=args.workers)
+        max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
+        device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers)
     try:
         result = train(options, progress)
     except Exception as exc:

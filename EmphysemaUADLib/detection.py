@@ -34,7 +34,7 @@ def default_model_path() -> Path:
     if (source_tree / DEFAULT_MODEL_NAME).is_file():
         return source_tree / DEFAULT_MODEL_NAME
     from importlib.resources import files
-    return Path(str(files("EmphysemaUADLib.default_model") / DEFAULT_MODEL_NAME))
+    return Path(str(files("EmphysemaUADLib.models") / DEFAULT_MODEL_NAME))
 
 
 @dataclass

@@ -66,10 +66,10 @@ class TrainOptions:
     workers: int | None = None
 
     def check(self) -> None:
-        for name in ("epochs", "width", "batch_size", "max_val_slices"):
+        for name, flag in (("epochs", "epochs"), ("width", "width"),
+                           ("batch_size", "batch-size"), ("max_val_slices", "val-slices")):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1 "
-                                 f"(got {getattr(self, name)}).")
+                raise InputError(f"--{flag} must be at least 1 (got {getattr(self, name)}).")
         if self.size < 16 or self.size % 16:
             raise InputError(f"--size must be a multiple of 16 (got {self.size}).")
         if self.patch_size is not None and (self.patch_size < 16 or self.patch_size % 16 or

@@ -1,0 +1,120 @@
+"""Writes a trained checkpoint as the bundled default model, with its model card.
+
+Usage: export_default_model.py BEST.pt --output Resources/Models --command "how it was trained"
+
+The card's numbers come from the checkpoint's own config (what `train` recorded), so the card
+cannot drift from the weights it describes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from EmphysemaUADLib import __version__
+from EmphysemaUADLib.checkpoint import load_checkpoint, save_checkpoint
+from EmphysemaUADLib.detection import DEFAULT_MODEL_NAME
+from EmphysemaUADLib.network import build_model, count_parameters
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
+
+
+def model_card(config: dict, params: int, command: str, size_mb: float) -> str:
+    t = config["training"]
+    m = config["model"]
+    device = t.get("device", "cpu")
+    machine = (torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available()
+               else _machine())
+    rows = [
+        ("architecture", f"{m['architecture']}, width {m['width']}, SCRB {m['scrb']}, "
+                         f"gate {m['gate']}, detached fusion {m['detach_fusion']}"),
+        ("parameters", f"{params:,}"),
+        ("file size", f"{size_mb:.1f} MB"),
+        ("input", f"axial slices, HU window {config['intensity_window']} -> [0, 1], "
+                  f"trained on {t['patch_size'] or t['size']} px patches of "
+                  f"{t['size']} px lung-box slices (fully convolutional at use)"),
+        ("training data", f"{t['cases']} healthy CTs ({t['slices']} lung slices: "
+                          f"{t['train_slices']} training, {t['val_slices']} validation, "
+                          f"split by case); skipped: {t['skipped']}"),
+        ("schedule", f"{t['epochs']} epochs x {t['steps_per_epoch']} steps, batch "
+                     f"{t['batch_size']}, AdamW lr {t['lr']} (warm-up then cosine), "
+                     f"weight decay {t['weight_decay']}, anomaly loss {t['anomaly_loss']}, "
+                     f"seed {t['seed']}"),
+        ("best epoch", f"{t['epoch']} (step {t['step']})"),
+        ("validation voxel AUROC", f"{t['val_auroc']:.4f}"),
+        ("validation Dice at 0.5", f"{t['val_dice']:.4f}"),
+        ("threshold", f"{config['threshold']}"),
+        ("machine", f"{machine} ({device})"),
+        ("software", f"EmphysemaUAD {__version__}, torch {torch.__version__}, "
+                     f"Python {platform.python_version()}"),
+        ("date", datetime.date.today().isoformat()),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""# Model card: {DEFAULT_MODEL_NAME}
+
+The default model of EmphysemaUAD, used by `emphysema-uad detect` and the Slicer module when
+no other model is chosen. It was trained self-supervised: only healthy lungs, into which
+emphysema-like lesions (Worley, centrilobular, paraseptal, panlobular, bullous) were
+synthesised; no emphysema label of any patient was used.
+
+| | |
+| --- | --- |
+{table}
+
+**Data.** Healthy synthetic chest CTs (`emphysema-uad phantom --emphysema none`) at noise
+levels 10, 20, 35 and 50 HU, smooth and sharp kernels, in two geometries (112 x 224 x 224 at
+2.5 x 1.6 x 1.6 mm and 120 x 400 x 400 at 2.0 x 0.9 x 0.9 mm), plus one real thorax CT (POPI
+4D-CT phase, Philips Brilliance Big Bore, 512 x 512 x 141 at 0.98 x 0.98 x 2 mm, healthy
+apart from a tumour) where `../shared/data` was present. Training applies flips, rotations,
+reconstruction-kernel and noise augmentation.
+
+**Command.** `{command}`
+
+**Validation.** Voxel AUROC and Dice inside the lungs on held-out slices (held-out cases)
+with synthetic lesions of every morphology; this measures lesion finding on synthetic
+lesions, not clinical accuracy. The results on phantoms with ground truth and on the real CT
+are in the README ("Results").
+
+**Limits.** Trained on one real CT and phantoms: on scanners, kernels or reconstructions far
+from these, train a model on your own healthy CTs (`emphysema-uad train`, or the Training tab
+in Slicer). Not a medical device; for research.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--output", required=True, help="folder for the model and its card")
+    parser.add_argument("--command", required=True, help="the command that trained it")
+    args = parser.parse_args()
+
+    saved = load_checkpoint(args.checkpoint)
+    out = Path(args.output)
+    target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict, saved.config)
+    with torch.device("meta"):
+        params = count_parameters(build_model(saved.config["model"]))
+    size_mb = target.stat().st_size / 1e6
+    card = out / "MODEL_CARD.md"
+    tmp = card.with_suffix(".md.tmp")
+    tmp.write_text(model_card(saved.config, params, args.command, size_mb))
+    tmp.replace(card)
+    print(f"written: {target} ({size_mb:.1f} MB), {target.with_suffix('.json')}, {card}")
+
+
+if __name__ == "__main__":
+    main()
