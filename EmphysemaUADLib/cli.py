@@ -24,6 +24,8 @@ def _add_lungs(sub) -> None:
                                    "weights; writes right lung = 1, left lung = 2.")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA/MHD) or DICOM series folder")
     p.add_argument("--output", "-o", required=True, help="lung mask to write, e.g. lungs.nii.gz")
+    p.add_argument("--png", help="also write an axial and coronal preview with the lungs "
+                                 "outlined")
     p.set_defaults(run=_run_lungs)
 
 
@@ -34,10 +36,14 @@ def _run_lungs(args) -> int:
     ct = read_ct(args.input, log=_info)
     lungs = segment_lungs(ct)
     write_volume(lungs, ct.geometry, args.output)
+    if args.png:
+        from .render import render_preview
+        render_preview(ct, args.png, outline=lungs)
     ml = ct.geometry.voxel_ml
     right, left = (int((lungs == v).sum()) * ml for v in (1, 2))
     print(f"right lung: {right:.0f} mL\nleft lung:  {left:.0f} mL\ntotal:      "
-          f"{right + left:.0f} mL\nwritten: {args.output}")
+          f"{right + left:.0f} mL\nwritten: {args.output}"
+          + (f"\nwritten: {args.png}" if args.png else ""))
     if right + left == 0:
         _err("no lung found in this CT.")
         return 1

@@ -6,7 +6,7 @@
 # Data: healthy phantoms of every noise level and kernel in two geometries (the phantom's own,
 # and a finer one like a clinical thorax CT), plus the real CT of ../shared/data when present
 # (REAL_CT overrides its path). Settings are sized for a 2-core CPU: width 16 (detect on a
-# full thorax CT within a minute on 2 cores), random 160-pixel patches, 2000 steps.
+# full thorax CT within a minute on 2 cores), random 144-pixel patches, 1600 steps.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup-env.sh")"
@@ -38,7 +38,7 @@ else
 fi
 resume=()
 [ -f "$work/run/last.pt" ] && resume=(--resume)
-settings=(--width 16 --epochs 20 --steps-per-epoch 100 --batch-size 16 --patch-size 160
+settings=(--width 16 --epochs 16 --steps-per-epoch 100 --batch-size 16 --patch-size 144
           --lr 1e-3 --anomaly-loss bce --val-slices 64 --seed 0)
 "$cli" train "${data[@]}" --output "$work/run" "${settings[@]}" "${resume[@]}"
 "$venv/bin/python" "$root/scripts/export_default_model.py" "$work/run/best.pt" \

@@ -1,0 +1,130 @@
+"""Detection end to end with the bundled model: phantoms with known truth, a batch with a
+broken case, the outputs' geometry, and the real CT (which must stage None everywhere)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.stats import spearmanr
+
+from conftest import SHARED_DATA, requires_shared
+from EmphysemaUADLib.cli import main
+from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
+from EmphysemaUADLib.phantom import make_phantom, write_phantom
+from EmphysemaUADLib.volume_io import read_ct
+
+# small, but at a clinical in-plane resolution: the network sees structures at their size
+PHANTOM = dict(shape=(40, 256, 256), spacing=(5.0, 1.4, 1.4), noise=20.0)
+ZONE_NAMES = ("right upper zone", "right middle zone", "right lower zone", "left upper zone",
+              "left middle zone", "left lower zone")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return Detector.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def severe():
+    return make_phantom(seed=11, emphysema="severe", morphology="mixed", **PHANTOM)
+
+
+@pytest.fixture(scope="module")
+def severe_result(severe, detector):
+    return detect_case(severe.ct, detector)
+
+
+def test_the_bundled_model_loads():
+    detector = Detector.load(device="cpu")
+    assert default_model_path().is_file()
+    assert detector.config["model"]["architecture"] == "EDLNet"
+    assert 0 < detector.threshold < 1
+
+
+def test_severe_phantom_is_staged_above_none_with_the_right_zones_worst(severe, severe_result):
+    whole = severe_result.whole_lung
+    assert whole["stage"] != "None"
+    assert whole["emphysema_index_percent"] > 5.0
+    rows = {r["region"]: r for r in severe_result.measurements}
+    truth = severe.truth["regions"]
+    detected = [rows[z]["emphysema_index_percent"] for z in ZONE_NAMES]
+    true = [truth[z]["emphysema_index_percent"] for z in ZONE_NAMES]
+    assert spearmanr(detected, true).statistic > 0.6, (detected, true)
+    assert ZONE_NAMES[int(np.argmax(detected))] in \
+        [ZONE_NAMES[i] for i in np.argsort(true)[-2:]], (detected, true)
+
+
+def test_lesions_are_found_where_they_are(severe, severe_result):
+    lesions, found = severe.lesions > 0, severe_result.emphysema > 0
+    lungs = severe.lungs > 0
+    # most of what is flagged is lesion, and much of the lesion volume is flagged
+    precision = np.count_nonzero(found & lesions) / max(np.count_nonzero(found), 1)
+    recall = np.count_nonzero(found & lesions) / np.count_nonzero(lesions & lungs)
+    assert precision > 0.6 and recall > 0.3, (precision, recall)
+
+
+def test_healthy_phantom_is_none_everywhere(detector):
+    healthy = make_phantom(seed=12, emphysema="none", kernel="sharp", **PHANTOM)
+    result = detect_case(healthy.ct, detector)
+    for row in result.measurements:
+        assert row["stage"] == "None", row
+        assert row["emphysema_index_percent"] < 1.0, row
+
+
+def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe):
+    cases = tmp_path / "cases"
+    write_phantom(severe, cases / "severe.nii.gz")
+    mild = make_phantom(seed=13, emphysema="mild", morphology="centrilobular", **PHANTOM)
+    write_phantom(mild, cases / "mild.nii.gz")
+    (cases / "broken.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    assert main(["detect", str(cases), "--output-dir", str(out), "--progress", "none",
+                 "--device", "cpu"]) == 1
+
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["case"] for r in rows][-1] == "broken" and rows[-1]["error"]
+    done = rows[:-1]
+    assert {r["case"] for r in done} == {"severe", "mild"}
+    scores = [float(r["anomaly_score"]) for r in done]
+    assert scores == sorted(scores, reverse=True) and done[0]["case"] == "severe"
+    for column in ("emphysema_index_percent", "laa950_percent", "perc15_hu", "stage",
+                   "stage right upper zone", "stage left lower zone"):
+        assert column in rows[0]
+
+    folder = out / "severe"
+    ct = read_ct(cases / "severe.nii.gz")
+    for name in ("anomaly_map", "emphysema", "regions"):
+        image = sitk.ReadImage(str(folder / f"{name}.nii.gz"))
+        assert image.GetSize() == ct.shape[::-1]
+        assert np.allclose(image.GetSpacing(), ct.geometry.spacing)
+        assert np.allclose(image.GetOrigin(), ct.geometry.origin)
+        assert np.allclose(image.GetDirection(), ct.geometry.direction)
+    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "anomaly_map.nii.gz")))
+    assert anomaly.dtype == np.float32 and 0 <= anomaly.min() and anomaly.max() <= 1
+    report = json.loads((folder / "report.json").read_text())
+    assert report["region_kind"] == "zones"
+    assert {r["region"] for r in report["regions"]} >= {"whole lung", *ZONE_NAMES}
+    assert set(report["timings_s"]) >= {"read", "lungs", "network", "measurements"}
+    assert (folder / "overlay.png").stat().st_size > 10_000
+    legend = json.loads((folder / "regions.json").read_text())
+    assert {v["name"] for v in legend.values()} == set(ZONE_NAMES)
+
+
+def test_bad_options_are_refused(tmp_path, capsys):
+    args = ["detect", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    assert main(args + ["--threshold", "1.5"]) == 2
+    assert "threshold" in capsys.readouterr().err
+    assert main(args + ["--model", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@requires_shared
+def test_real_ct_is_none_in_every_region(detector):
+    ct = read_ct(SHARED_DATA / "chest-ct-dicom")
+    result = detect_case(ct, detector)
+    for row in result.measurements:
+        assert row["stage"] == "None", row
+        assert row["emphysema_index_percent"] < 1.0, row
