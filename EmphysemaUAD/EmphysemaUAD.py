@@ -1,13 +1,16 @@
 """3D Slicer module: detect and stage emphysema on a CT volume; train a model on healthy CTs.
 
 Kept thin: the work is done by the EmphysemaUADLib package (no Qt), which this module finds
-beside its own folder (source checkout and built extension alike). Training, and detection
-when asked, run as a separate `python -m EmphysemaUADLib ... --progress json` process that a
-timer polls, so the application never freezes.
+beside itself (built extension) or one folder up (source checkout). Training, and detection
+when asked, run as a separate `PythonSlicer -m EmphysemaUADLib ... --progress json` process
+that a timer polls, so the application never freezes.
 """
+import importlib.metadata
+import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated, Optional, Union
 
@@ -22,18 +25,30 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-# EmphysemaUADLib lies beside this module's folder (source checkout: the repository root;
-# built extension: the folder above qt-scripted-modules)
-_LIBRARY_PARENT = Path(__file__).resolve().parent.parent
-if (_LIBRARY_PARENT / "EmphysemaUADLib").is_dir() and str(_LIBRARY_PARENT) not in sys.path:
+
+def _libraryParent() -> Optional[Path]:
+    """The folder holding EmphysemaUADLib: beside this file in a built or installed extension
+    (lib/Slicer-X.Y/qt-scripted-modules, which Slicer puts on sys.path), or the repository
+    root, one level up, in a source checkout used through "Additional module paths"."""
+    here = Path(__file__).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / "EmphysemaUADLib" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+_LIBRARY_PARENT = _libraryParent()
+if _LIBRARY_PARENT is not None and str(_LIBRARY_PARENT) not in sys.path:
     sys.path.insert(0, str(_LIBRARY_PARENT))
 
 MODEL_SOURCES = ["Bundled model", "Checkpoint file"]
 DEVICES = ["auto", "cuda", "cpu"]
 POLL_INTERVAL_MS = 250
+DETECT_CANCEL_GRACE_S = 5  # detection has nothing to save: stop it quickly
 # what the library needs beyond Slicer's own Python (torch comes from the PyTorch extension)
 PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.21", "sklearn": "scikit-learn>=1.3"}
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_MINIMUM = "2.1"
+DICOM_SEG_PLUGIN = "DICOMSegmentationPlugin"
 
 
 class EmphysemaUAD(ScriptedLoadableModule):
@@ -53,10 +68,14 @@ class EmphysemaUAD(ScriptedLoadableModule):
             "PyTorch extension.")
 
 
+# Ranges are given for every number: Slicer's spin box and slider connectors replace the
+# .ui's minimum and maximum with the field's WithinRange (with none, a spin box is unbounded).
 @parameterNodeWrapper
 class EmphysemaUADParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    lobes: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # a Union of node types must include None, or "None" chosen in the selector cannot be
+    # stored (the wrapper's UnionSerializer finds no type for it)
+    lobes: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     modelSource: Annotated[str, Choice(MODEL_SOURCES)] = MODEL_SOURCES[0]
     modelPath: Path = Path()
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
@@ -67,62 +86,78 @@ class EmphysemaUADParameterNode:
     outputTable: vtkMRMLTableNode
     trainData: Path = Path()
     trainOutput: Path = Path()
-    epochs: int = 100
-    width: int = 64
-    batchSize: int = 32
+    epochs: Annotated[int, WithinRange(1, 10000)] = 100
+    width: Annotated[int, WithinRange(4, 128)] = 64
+    batchSize: Annotated[int, WithinRange(1, 512)] = 32
     trainDevice: Annotated[str, Choice(DEVICES)] = "auto"
     resume: bool = False
 
 
+def _chosen(path) -> bool:
+    """A ctkPathLineEdit left empty reads back as Path('.')."""
+    return bool(str(path)) and str(path) != "."
+
+
 # --- dependencies ---------------------------------------------------------------------------
-def ensureDependencies() -> bool:
-    """PyTorch through the PyTorch extension and the library's pip packages, each installed
-    only after the user agrees. False when something is still missing."""
+def _torchVersion() -> Optional[str]:
+    """The installed torch's version, without importing it (an import costs seconds and
+    memory, and background runs do not need torch in Slicer's own process)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
     try:
-        import torch  # noqa: F401
-    except ImportError:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _versionTuple(text: str) -> tuple:
+    import re
+    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:2])
+
+
+def ensureDependencies() -> bool:
+    """PyTorch through the PyTorch extension's PyTorchUtils and the library's pip packages,
+    each installed only after the user agrees (never silently). False when something is
+    still missing; the user has then been told what to do."""
+    version = _torchVersion()
+    if version is None:
         try:
             import PyTorchUtils
         except ImportError:
             slicer.util.errorDisplay(
-                "Emphysema UAD needs PyTorch. Install the 'PyTorch' extension from the "
-                "Extensions Manager, restart Slicer, then run again.")
+                "Emphysema UAD needs PyTorch, which Slicer gets through the 'PyTorch' "
+                "extension. Install that extension with the Extensions Manager, restart Slicer, "
+                "then run again.", windowTitle="PyTorch extension missing")
             return False
-        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torch_logic.torchInstalled():
-            # installTorch asks the user first (askConfirmation) and picks the CUDA build
-            if torch_logic.installTorch(askConfirmation=True,
-                                        torchVersionRequirement=TORCH_REQUIREMENT) is None:
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            # installTorch asks the user first (askConfirmation) and picks the build that
+            # matches the NVIDIA driver (a CPU build without one); None when declined
+            with slicer.util.WaitCursor():
+                torch = torchLogic.installTorch(askConfirmation=True,
+                                                torchVersionRequirement=f">={TORCH_MINIMUM}")
+            if torch is None:
                 slicer.util.errorDisplay("PyTorch was not installed; detection and training "
                                          "need it.")
                 return False
-    missing = []
-    for module, requirement in PIP_REQUIREMENTS.items():
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(requirement)
+    elif _versionTuple(version) < _versionTuple(TORCH_MINIMUM):
+        slicer.util.errorDisplay(
+            f"PyTorch {version} is installed; Emphysema UAD needs {TORCH_MINIMUM} or newer. "
+            "Open the 'PyTorch Utils' module, uninstall PyTorch, restart Slicer and install it "
+            f"again with the version requirement '>={TORCH_MINIMUM}'.")
+        return False
+    missing = [requirement for module, requirement in PIP_REQUIREMENTS.items()
+               if importlib.util.find_spec(module) is None]
     if missing:
         if not slicer.util.confirmOkCancelDisplay(
                 f"Emphysema UAD needs these Python packages: {', '.join(missing)}. "
-                "Install them now into Slicer's Python?", "Missing Python packages"):
+                "Install them now into Slicer's Python (a few minutes)?",
+                "Missing Python packages"):
             return False
         with slicer.util.WaitCursor():
-            slicer.util.pip_install(missing)
+            for requirement in missing:
+                slicer.util.pip_install(requirement)
     return True
-
-
-def deviceDescription() -> str:
-    """What 'auto' will use: the GPU's name and free memory, or the CPU."""
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed yet; it is offered on the first run."
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        return (f"GPU: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of "
-                f"{total / 2**30:.1f} GiB free")
-    return "No CUDA GPU visible to PyTorch: runs on the CPU (minutes per CT)."
 
 
 # --- logic ------------------------------------------------------------------------------------
@@ -148,38 +183,28 @@ class SlicerProgress:
 
 
 class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
+    """Thin: everything below is EmphysemaUADLib (mrml: nodes <-> arrays and files; process:
+    the worker process), which the tests run without Slicer."""
+
     def getParameterNode(self):
         return EmphysemaUADParameterNode(super().getParameterNode())
 
     @staticmethod
     def modelPath(parameters) -> Optional[str]:
         """The checkpoint to use; None for the bundled model."""
+        from EmphysemaUADLib.detection import default_model_path
         from EmphysemaUADLib.errors import InputError
 
         if parameters.modelSource == MODEL_SOURCES[0]:
+            if not default_model_path().is_file():
+                raise InputError("this installation has no bundled model; choose 'Checkpoint "
+                                 "file' and a .pt file trained in the Training tab.")
             return None
         path = Path(parameters.modelPath)
-        if not path.is_file():
+        if not _chosen(parameters.modelPath) or not path.is_file():
             raise InputError(f"{path}: no such checkpoint file; choose a .pt file or the "
                              "bundled model.")
         return str(path)
-
-    @staticmethod
-    def writeLobes(lobesNode, ctNode, folder: Path) -> Optional[Path]:
-        """Lobes from a Slicer node as a label map + JSON legend (the form the library's
-        `--lobes` reads), on the CT's grid."""
-        if lobesNode is None:
-            return None
-        import json
-
-        from EmphysemaUADLib import mrml
-        from EmphysemaUADLib.volume_io import write_volume
-
-        regions, legend = mrml.regions_from_node(lobesNode, ctNode)
-        ct = mrml.volume_from_node(ctNode)
-        path = write_volume(regions, ct.geometry, folder / "lobes.nrrd")
-        (folder / "lobes.json").write_text(json.dumps({str(k): v for k, v in legend.items()}))
-        return path
 
     def detect(self, ctNode, lobesNode=None, modelPath=None, threshold=None, device="auto",
                outputs=(None, None, None), progress=None):
@@ -190,7 +215,7 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         ct = mrml.volume_from_node(ctNode)
         detector = Detector.load(modelPath, device, threshold)
         with tempfile.TemporaryDirectory(prefix="EmphysemaUAD-") as tmp:
-            lobes = self.writeLobes(lobesNode, ctNode, Path(tmp))
+            lobes = mrml.write_lobes(lobesNode, ctNode, tmp) if lobesNode else None
             result = detect_case(ct, detector, lobes=lobes, progress=progress,
                                  log=progress.log if progress else None)
         return mrml.result_to_nodes(result, ctNode, *outputs)
@@ -199,37 +224,29 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
                                  device="auto"):
         """Writes the CT (and lobes) to a temporary folder and starts `detect` on it; returns
         (process, folder). `backgroundDetectionNodes` turns the finished folder into nodes."""
+        import shutil
+
         from EmphysemaUADLib import mrml
-        from EmphysemaUADLib.process import BackgroundProcess
-        from EmphysemaUADLib.volume_io import write_volume
+        from EmphysemaUADLib.process import BackgroundProcess, detect_args
 
         folder = Path(tempfile.mkdtemp(prefix="EmphysemaUAD-"))
-        ct = mrml.volume_from_node(ctNode)
-        args = ["detect", write_volume(ct.array, ct.geometry, folder / "ct.nrrd"),
-                "--output-dir", folder / "out", "--device", device]
-        lobes = self.writeLobes(lobesNode, ctNode, folder)
-        args += ["--lobes", lobes] if lobes else []
-        args += ["--model", modelPath] if modelPath else []
-        args += ["--threshold", threshold] if threshold is not None else []
-        return BackgroundProcess.cli(args).start(), folder
+        try:
+            ct, lobes = mrml.write_detection_inputs(ctNode, folder, lobesNode)
+            args = detect_args(ct, folder / "out", lobes, modelPath, threshold, device)
+            return BackgroundProcess.cli(args).start(), folder
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     @staticmethod
     def backgroundDetectionNodes(folder: Path, ctNode, outputs=(None, None, None)):
-        import json
         import shutil
 
-        import SimpleITK as sitk
-
         from EmphysemaUADLib import mrml
-        from EmphysemaUADLib.volume_io import read_labels
 
-        case = folder / "out" / "ct"
+        case = Path(folder) / "out" / Path(mrml.DETECTION_CASE_FILE).name.split(".")[0]
         try:
-            report = json.loads((case / "report.json").read_text())
-            emphysema = read_labels(case / "emphysema.nii.gz").array.astype("uint8")
-            anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "anomaly_map.nii.gz")))
-            return mrml.arrays_to_nodes(ctNode, emphysema, anomaly, report["regions"],
-                                        report["region_kind"], *outputs)
+            return mrml.detection_outputs_to_nodes(case, ctNode, *outputs)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -239,13 +256,15 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         from EmphysemaUADLib.process import BackgroundProcess
 
         data, output = Path(parameters.trainData), Path(parameters.trainOutput)
-        if not str(parameters.trainData) or str(parameters.trainData) == "." or \
-                not data.is_dir():
+        if not _chosen(parameters.trainData) or not data.is_dir():
             raise InputError(f"{data}: choose the folder of healthy CTs to train on.")
-        if not str(parameters.trainOutput) or str(parameters.trainOutput) == ".":
+        if not _chosen(parameters.trainOutput):
             raise InputError("choose an output folder for the trained model.")
         if parameters.resume and not (output / "last.pt").is_file():
             raise InputError(f"{output}: holds no last.pt to resume from; untick Resume.")
+        if not parameters.resume and (output / "last.pt").is_file():
+            raise InputError(f"{output}: already holds a training run (last.pt); tick Resume "
+                             "to continue it, or choose another output folder.")
         args = ["train", data, "--output", output, "--epochs", parameters.epochs,
                 "--width", parameters.width, "--batch-size", parameters.batchSize,
                 "--device", parameters.trainDevice]
@@ -261,11 +280,13 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._devicesShown = None
         self.detectProcess = None
         self.detectFolder = None
         self.detectInput = None
         self.trainProcess = None
         self.trainedModel = None
+        self.dicomExportDialog = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -290,7 +311,8 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
-        self.ui.deviceInfoLabel.setText(deviceDescription())
+        self.ui.refreshDevicesButton.connect("clicked(bool)",
+                                             lambda: self.refreshDeviceInfo(force=True))
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -302,6 +324,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
+        self.refreshDeviceInfo(force=True)  # free GPU memory changes while away
 
     def exit(self):
         if self._parameterNode:
@@ -331,6 +354,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.outputTable)
             self.updateButtons()
 
     def updateButtons(self, caller=None, event=None):
@@ -343,15 +367,53 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startTrainingButton.enabled = not training
         self.ui.cancelTrainingButton.enabled = training
         self.ui.useTrainedModelButton.enabled = self.trainedModel is not None and not training
-        hasResults = bool(p and p.outputSegmentation and p.outputTable)
+        hasResults = bool(p and p.inputVolume and p.outputSegmentation and p.outputTable)
         for button in (self.ui.exportSegmentationButton, self.ui.exportLabelmapButton,
                        self.ui.exportTableButton):
             button.enabled = hasResults
         from_dicom = False
-        if hasResults and p.inputVolume:
+        if hasResults:
             from EmphysemaUADLib.mrml import came_from_dicom
             from_dicom = came_from_dicom(p.inputVolume)
         self.ui.exportDicomSegButton.enabled = from_dicom
+        self.refreshDeviceInfo()
+
+    # --- devices ------------------------------------------------------------------------
+    def refreshDeviceInfo(self, force=False):
+        """The Device lines: what the chosen device runs on, with the GPU's name and free
+        memory. Looked up in a thread (nvidia-smi, and a first torch import, take a moment)
+        and shown when ready; only again when a device choice changed, or when forced."""
+        p = self._parameterNode
+        wanted = (p.device, p.trainDevice) if p else ("auto", "auto")
+        if wanted == self._devicesShown and not force:
+            return
+        self._devicesShown = wanted
+        from EmphysemaUADLib import devices
+
+        result = {}
+
+        def probe():
+            try:
+                gpus, cuda = devices.nvidia_gpus() or [], devices.torch_sees_cuda()
+                result["texts"] = [devices.describe(d, gpus, cuda) for d in wanted]
+            except Exception as exc:  # a broken driver or torch must not break the panel
+                result["texts"] = [f"Could not check the devices: {exc}"] * 2
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+
+        def show():
+            if thread.is_alive():
+                qt.QTimer.singleShot(100, show)
+                return
+            if self._devicesShown != wanted:  # a newer lookup is under way
+                return
+            self.ui.deviceInfoLabel.setText(result["texts"][0])
+            self.ui.trainDeviceInfoLabel.setText(result["texts"][1])
+
+        self.ui.deviceInfoLabel.setText("Looking for GPUs...")
+        self.ui.trainDeviceInfoLabel.setText("Looking for GPUs...")
+        show()
 
     # --- detection ----------------------------------------------------------------------
     def _outputs(self):
@@ -380,7 +442,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelDetect(self):
         if self.detectProcess is not None:
-            self.detectProcess.cancel(grace_s=5)
+            self.detectProcess.cancel(grace_s=DETECT_CANCEL_GRACE_S)
             self.ui.detectStatusLabel.setText("Cancelling...")
 
     def showResults(self, ctNode, nodes):
@@ -388,16 +450,17 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputSegmentation, p.outputAnomaly, p.outputTable = \
             nodes.segmentation, nodes.anomaly, nodes.table
         slicer.util.setSliceViewerLayers(background=ctNode, foreground=nodes.anomaly,
-                                         foregroundOpacity=0.4, fit=True)
+                                         foregroundOpacity=0.5, fit=True)
         nodes.segmentation.GetDisplayNode().SetOpacity2DFill(0.3)
         self.ui.resultsTableView.setMRMLTableNode(nodes.table)
+        self.ui.resultsCollapsibleButton.collapsed = False
         whole = nodes.table.GetTable()
         stage = whole.GetValueByName(0, "stage").ToString() if whole.GetNumberOfRows() else "?"
         index = whole.GetValueByName(0, "emphysema_index_percent").ToDouble() \
             if whole.GetNumberOfRows() else float("nan")
         self.ui.detectProgressBar.setValue(100)
-        self.ui.detectStatusLabel.setText(f"Whole lung: stage {stage}, emphysema index "
-                                          f"{index:.2f} %.")
+        self.ui.detectStatusLabel.setText(f"Whole lung: stage {stage or 'n/a'}, emphysema "
+                                          f"index {index:.2f} %.")
         self.updateButtons()
 
     def finishBackgroundDetection(self):
@@ -415,8 +478,10 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.detectStatusLabel.setText("Detection cancelled.")
             else:
                 self.ui.detectStatusLabel.setText("Detection failed.")
-                slicer.util.errorDisplay("Detection failed.", detailedText="\n".join(
-                    process.stderr_tail))
+                slicer.util.errorDisplay(
+                    process.last_error or "Detection failed.",
+                    detailedText="\n".join(process.stderr_tail))
+        self.refreshDeviceInfo(force=True)
         self.updateButtons()
 
     # --- training -----------------------------------------------------------------------
@@ -429,6 +494,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainProgressBar.setValue(0)
             self.trainProcess = self.logic.startTraining(self._parameterNode)
             self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
+            self.ui.trainStatusLabel.setText("Reading the healthy CTs...")
             self.timer.start()
             self.updateButtons()
 
@@ -461,20 +527,29 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process, self.trainProcess = self.trainProcess, None
         output = Path(self._parameterNode.trainOutput)
         code = process.returncode
+        last = output / "last.pt"
         if code == 0 and (output / "best.pt").is_file():
             self.trainedModel = output / "best.pt"
+            self.ui.trainProgressBar.setValue(100)
             self.ui.trainStatusLabel.setText(f"Training finished: {self.trainedModel}")
             if slicer.util.confirmYesNoDisplay("Training finished. Use the new model in the "
                                                "Detect tab?"):
                 self.onUseTrainedModel()
         elif process.cancelled or code in (130, 143):
-            self.ui.trainStatusLabel.setText(
-                f"Training cancelled. {output / 'last.pt'} can be resumed: tick 'Resume' and "
-                "start again.")
+            if last.is_file():
+                self.ui.trainStatusLabel.setText(
+                    f"Training cancelled. {last} holds the run: tick 'Resume' and start again "
+                    "to continue it.")
+                self._parameterNode.resume = True
+            else:  # stopped before the first step: nothing to resume
+                self.ui.trainStatusLabel.setText("Training cancelled before its first step.")
         else:
             self.ui.trainStatusLabel.setText(f"Training failed (exit code {code}); see the log.")
             for line in process.stderr_tail:
                 self.trainLog(line)
+            if process.last_error:
+                slicer.util.errorDisplay(f"Training failed: {process.last_error}")
+        self.refreshDeviceInfo(force=True)
         self.updateButtons()
 
     def onUseTrainedModel(self):
@@ -528,12 +603,22 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 mrml.save_label_map(p.outputSegmentation, p.inputVolume, path)
 
     def onExportDicomSeg(self):
-        # Slicer's own DICOM export dialog, with the segmentation selected
-        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        """Slicer's own DICOM export dialog with the segmentation selected; its DICOM SEG
+        exporter is DICOMSegmentationPlugin (in Slicer's core in recent versions, in the
+        QuantitativeReporting extension before)."""
+        if DICOM_SEG_PLUGIN not in getattr(slicer.modules, "dicomPlugins", {}):
+            slicer.util.errorDisplay(
+                "DICOM SEG export needs Slicer's DICOM segmentation plugin, which this Slicer "
+                "does not have. Install the 'QuantitativeReporting' extension with the "
+                "Extensions Manager and restart Slicer; or export the segmentation as "
+                ".seg.nrrd or a NIfTI label map.", windowTitle="DICOM SEG export")
+            return
         with slicer.util.tryWithErrorDisplay("DICOM SEG export failed."):
-            dialog = slicer.qSlicerDICOMExportDialog()
-            dialog.setMRMLScene(slicer.mrmlScene)
-            dialog.execDialog(sh.GetItemByDataNode(self._parameterNode.outputSegmentation))
+            sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+            self.dicomExportDialog = slicer.qSlicerDICOMExportDialog()
+            self.dicomExportDialog.setMRMLScene(slicer.mrmlScene)
+            self.dicomExportDialog.execDialog(
+                sh.GetItemByDataNode(self._parameterNode.outputSegmentation))
 
     def onExportTable(self):
         from EmphysemaUADLib import mrml
@@ -553,8 +638,10 @@ def formatDuration(seconds) -> str:
 
 # --- self-test --------------------------------------------------------------------------------
 class EmphysemaUADTest(ScriptedLoadableModuleTest):
-    """The whole flow on a synthetic phantom inside Slicer: a tiny untrained model, in-process
-    and background detection, result nodes on the input's grid, exports, a short training."""
+    """The whole flow on a synthetic phantom inside Slicer (run by the Extensions Index builds
+    and by Reload and Test): a tiny untrained model, in-process and background detection,
+    result nodes on the input's grid under its study, exports and their reload, a short
+    training cancelled to a resumable last.pt."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -589,6 +676,7 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
         import time
         deadline = time.monotonic() + timeout_s
         while not process.finished and time.monotonic() < deadline:
+            process.poll()
             slicer.app.processEvents()
             time.sleep(0.05)
         self.assertTrue(process.finished, "background process did not finish in time")
@@ -602,6 +690,10 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
         self.assertTrue(ensureDependencies())
         logic = EmphysemaUADLogic()
         ctNode = self._phantomNode()
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"),
+                                   "study")
+        sh.SetItemParent(sh.GetItemByDataNode(ctNode), study)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             model = self._tinyModel(tmp)
@@ -613,9 +705,15 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
             nodes.anomaly.GetIJKToRASMatrix(b)
             self.assertTrue(all(a.GetElement(r, c) == b.GetElement(r, c)
                                 for r in range(4) for c in range(4)))
+            for node in (nodes.segmentation, nodes.anomaly, nodes.table):
+                self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), study)
             emphysema = mrml.segment_array(nodes.segmentation, ctNode)
             anomaly = slicer.util.arrayFromVolume(nodes.anomaly)
             self.assertTrue(np.array_equal(emphysema > 0, (anomaly > 0.5) & (emphysema > 0)))
+            segment = nodes.segmentation.GetSegmentation().GetNthSegment(0)
+            entry = vtk.reference("")
+            self.assertTrue(segment.GetTag(mrml.TERMINOLOGY_TAG, entry))
+            self.assertIn("87433001", str(entry))
             table = nodes.table.GetTable()
             self.assertEqual(table.GetValueByName(0, "region").ToString(), "whole lung")
             self.assertGreaterEqual(table.GetNumberOfRows(), 3)
@@ -631,6 +729,8 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("Exports")
             mrml.save_segmentation(nodes.segmentation, tmp / "e.seg.nrrd")
+            reloaded = slicer.util.loadSegmentation(str(tmp / "e.seg.nrrd"))
+            self.assertTrue(np.array_equal(mrml.segment_array(reloaded, ctNode), emphysema))
             mrml.save_label_map(nodes.segmentation, ctNode, tmp / "e.nii.gz")
             mrml.save_table_csv(nodes.table, tmp / "t.csv")
             for name in ("e.seg.nrrd", "e.nii.gz", "t.csv"):
@@ -638,8 +738,10 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Detection flow passed")
 
     def test_training_cancel_is_resumable(self):
-        from EmphysemaUADLib.volume_io import write_volume
+        import time
+
         from EmphysemaUADLib.phantom import make_phantom
+        from EmphysemaUADLib.volume_io import write_volume
 
         self.delayDisplay("Training in the background, then Cancel")
         logic = EmphysemaUADLogic()
@@ -654,14 +756,15 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
             p.trainData, p.trainOutput = tmp / "healthy", tmp / "model"
             p.epochs, p.width, p.batchSize, p.trainDevice, p.resume = 1000, 4, 2, "cpu", False
             process = logic.startTraining(p)
-            import time
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300
             seen = []
             while time.monotonic() < deadline and not any(
                     e.get("event") == "step" for e in seen) and not process.finished:
                 seen += process.poll()
                 slicer.app.processEvents()
                 time.sleep(0.05)
+            self.assertTrue(any(e.get("event") == "step" for e in seen),
+                            "\n".join(process.stderr_tail))
             process.cancel()
             self._waitFor(process, 120)
             self.assertEqual(process.returncode, 130, "\n".join(process.stderr_tail))

@@ -34,7 +34,12 @@ def default_model_path() -> Path:
     if (source_tree / DEFAULT_MODEL_NAME).is_file():
         return source_tree / DEFAULT_MODEL_NAME
     from importlib.resources import files
-    return Path(str(files("EmphysemaUADLib.models") / DEFAULT_MODEL_NAME))
+    try:
+        return Path(str(files("EmphysemaUADLib.models") / DEFAULT_MODEL_NAME))
+    except ModuleNotFoundError:
+        # no pip install (e.g. inside Slicer) and no bundled model: the path where it would
+        # be, so that loading says which file is missing
+        return source_tree / DEFAULT_MODEL_NAME
 
 
 @dataclass

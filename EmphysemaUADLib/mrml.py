@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # detection imports torch; the glue itself does not need it
 EMPHYSEMA_SEGMENT = "Emphysema"
 EMPHYSEMA_COLOR = (0.93, 0.33, 0.11)
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built into every Slicer scene
+# anomaly probabilities below this are transparent in the foreground overlay, so the CT
+# shows through wherever the network sees nothing
+ANOMALY_DISPLAY_FLOOR = 0.1
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 TABLE_COLUMNS = ("region", "volume_ml", "emphysema_index_percent", "laa950_percent",
                  "perc15_hu", "mean_anomaly", "stage")
@@ -209,6 +212,53 @@ def _resampled_labels(node, ct_node) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)
 
 
+# --- files for a detection in another process --------------------------------------------
+DETECTION_CASE_FILE = "ct.nrrd"  # `detect` names the case folder after the file: "ct"
+
+
+def write_lobes(lobes_node, ct_node, folder) -> Path:
+    """Lobes from a Slicer node as `lobes.nrrd` + `lobes.json` (its legend) on the CT's grid,
+    the form `detect --lobes` reads."""
+    import json
+
+    regions, legend = regions_from_node(lobes_node, ct_node)
+    ct = volume_from_node(ct_node)
+    path = write_volume(regions, ct.geometry, Path(folder) / "lobes.nrrd")
+    (Path(folder) / "lobes.json").write_text(json.dumps({str(k): v for k, v in legend.items()}))
+    return path
+
+
+def write_detection_inputs(ct_node, folder, lobes_node=None) -> tuple[Path, Path | None]:
+    """The CT (world geometry, HU) as `ct.nrrd` and the lobes, if any, for `detect`;
+    returns (ct path, lobes path or None)."""
+    folder = Path(folder)
+    ct = volume_from_node(ct_node)
+    ct_path = write_volume(ct.array, ct.geometry, folder / DETECTION_CASE_FILE)
+    lobes = write_lobes(lobes_node, ct_node, folder) if lobes_node is not None else None
+    return ct_path, lobes
+
+
+def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=None,
+                               table=None) -> OutputNodes:
+    """Nodes from the files `detect` wrote for one case (emphysema.nii.gz, anomaly_map.nii.gz,
+    report.json); the arrays are placed on the CT node's own grid (see `arrays_to_nodes`)."""
+    import json
+
+    import SimpleITK as sitk
+
+    from .volume_io import read_labels
+
+    case_dir = Path(case_dir)
+    report_path = case_dir / "report.json"
+    if not report_path.is_file():
+        raise InputError(f"{case_dir}: holds no detection result (report.json).")
+    report = json.loads(report_path.read_text())
+    emphysema = read_labels(case_dir / "emphysema.nii.gz").array.astype(np.uint8)
+    anomaly_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "anomaly_map.nii.gz")))
+    return arrays_to_nodes(ct_node, emphysema, anomaly_map, report["regions"],
+                           report["region_kind"], segmentation, anomaly, table)
+
+
 # --- results onto nodes -------------------------------------------------------------------
 @dataclass
 class OutputNodes:
@@ -217,19 +267,27 @@ class OutputNodes:
     table: object
 
 
+# Serialised terminology entry, the form Slicer stores in a segment's "TerminologyEntry" tag
+# since 4.8 (context~category~type~type modifier~region context~region~region modifier; each
+# code as scheme^value^meaning). Written as a string with SetTag, not through
+# vtkSlicerTerminologyEntry setters or vtkSegment.SetTerminology: Slicer 5.6 has neither
+# SetRegionContextName nor SetTerminology (later versions renamed and added them), while the
+# string and the tag are read the same way by every Slicer 5.x and by its DICOM SEG export.
+EMPHYSEMA_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list"
+    "~SCT^49755003^Morphologically Altered Structure"
+    "~SCT^87433001^Pulmonary emphysema"
+    "~^^"
+    "~Anatomic codes - DICOM master list"
+    "~SCT^39607008^Lung"
+    "~^^")
+TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
+
+
 def emphysema_terminology() -> str:
-    """Serialised terminology entry: SNOMED CT 87433001 "Pulmonary emphysema" in the lung."""
-    entry = slicer.vtkSlicerTerminologyEntry()
-    entry.SetTerminologyContextName("Segmentation category and type - DICOM master list")
-    for coded, (value, meaning) in ((entry.GetCategoryObject(),
-                                     ("49755003", "Morphologically Altered Structure")),
-                                    (entry.GetTypeObject(), ("87433001", "Pulmonary emphysema")),
-                                    (entry.GetRegionObject(), ("39607008", "Lung"))):
-        coded.SetCodingSchemeDesignator("SCT")
-        coded.SetCodeValue(value)
-        coded.SetCodeMeaning(meaning)
-    entry.SetRegionContextName("Anatomic codes - DICOM master list")
-    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+    """SNOMED CT 87433001 "Pulmonary emphysema" (category 49755003 "Morphologically Altered
+    Structure", region 39607008 "Lung"): what DICOM SEG export writes as the segment's codes."""
+    return EMPHYSEMA_TERMINOLOGY
 
 
 def _check_grid(array: np.ndarray, ct_node) -> None:
@@ -255,7 +313,7 @@ def _fill_segmentation(node, emphysema: np.ndarray, ct_node) -> None:
     labelmap.SetImageToWorldMatrix(m)
     segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, EMPHYSEMA_SEGMENT,
                                                                  EMPHYSEMA_COLOR)
-    segmentation.GetSegment(segment_id).SetTerminology(emphysema_terminology())
+    segmentation.GetSegment(segment_id).SetTag(TERMINOLOGY_TAG, emphysema_terminology())
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
 
@@ -317,6 +375,10 @@ def arrays_to_nodes(ct_node, emphysema: np.ndarray, anomaly_map: np.ndarray,
     display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetAutoThreshold(False)
+    display.SetLowerThreshold(ANOMALY_DISPLAY_FLOOR)
+    display.SetUpperThreshold(1.0)
+    display.SetApplyThreshold(True)
     _fill_table(table, measurements, region_kind)
     place_under_study([segmentation, anomaly, table], ct_node)
     return OutputNodes(segmentation, anomaly, table)
@@ -328,7 +390,8 @@ def place_under_study(nodes, ct_node) -> None:
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(ct_node.GetScene())
     if sh is None:
         return
-    study = sh.GetItemParent(sh.GetItemByDataNode(ct_node)) or sh.GetSceneItemID()
+    ct_item = sh.GetItemByDataNode(ct_node)
+    study = (sh.GetItemParent(ct_item) if ct_item else 0) or sh.GetSceneItemID()
     for node in nodes:
         item = sh.GetItemByDataNode(node)
         if item:

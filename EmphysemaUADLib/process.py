@@ -2,18 +2,26 @@
 
 The GUI (or any caller) starts it, then calls `poll()` from a timer: reader threads have
 queued the process's stdout JSON lines as events and its stderr as log lines, so polling
-never blocks. `cancel()` asks politely first (SIGINT, so training saves a resumable
-last.pt), and `poll()` kills the whole process group once the grace period is over: the
-workers the process started die with it.
+never blocks. `cancel()` asks politely first, and `poll()` kills the whole process tree once
+the grace period is over: the workers the process started die with it.
+
+Asking politely is a stop file on every platform (its path is in the worker's environment as
+EMPHYSEMA_UAD_STOP_FILE; training checks it after every step, saves a resumable last.pt and
+exits 130) plus, on POSIX, SIGINT to the process group. Windows has no SIGINT to send: a
+console control event cannot reach a worker of a GUI application such as Slicer, which has no
+console to share. Killing the tree needs no psutil (not bundled with Slicer): a POSIX process
+group (start_new_session) or `taskkill /T` on Windows.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -21,26 +29,49 @@ from pathlib import Path
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # folder holding EmphysemaUADLib
 CANCEL_GRACE_S = 30.0
+STOP_FILE_ENV = "EMPHYSEMA_UAD_STOP_FILE"
 _WINDOWS = sys.platform == "win32"
 
 
 def python_executable() -> str:
-    """The interpreter for worker processes. Inside Slicer `sys.executable` is the Slicer
-    application itself; its PythonSlicer launcher (beside it) runs plain Python."""
+    """The interpreter for worker processes: this one, unless it is not a plain Python. Inside
+    Slicer `sys.executable` is the application (SlicerApp-real); there the worker runs under
+    PythonSlicer, the launcher that sets up Slicer's Python environment (Slicer puts it on
+    PATH, as `slicer.util.pip_install` relies on)."""
     exe = Path(sys.executable)
-    if exe.stem.lower() in ("slicer", "slicerapp-real"):
-        for candidate in (exe.with_name("PythonSlicer"), exe.with_name("PythonSlicer.exe"),
-                          exe.parent.parent / "bin" / "PythonSlicer",
-                          exe.parent.parent / "bin" / "PythonSlicer.exe"):
-            if candidate.is_file():
-                return str(candidate)
+    if exe.name.lower().startswith("python"):
+        return sys.executable
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    for folder in (exe.parent, exe.parent.parent / "bin"):
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            if (folder / name).is_file():
+                return str(folder / name)
     return sys.executable
+
+
+def stop_requested() -> bool:
+    """True in a worker whose launcher asked it to stop (see `BackgroundProcess.cancel`)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
 
 
 def cli_command(args: list[str], python: str | None = None) -> list[str]:
     """Command line running an `emphysema-uad` subcommand with JSON progress."""
     return [python or python_executable(), "-m", "EmphysemaUADLib", *map(str, args),
             "--progress", "json"]
+
+
+def detect_args(ct, output_dir, lobes=None, model=None, threshold=None,
+                device: str = "auto") -> list[str]:
+    """Arguments of `emphysema-uad detect` for one CT file (the case folder in `output_dir`
+    is named after the file)."""
+    args = ["detect", str(ct), "--output-dir", str(output_dir), "--device", device]
+    args += ["--lobes", str(lobes)] if lobes else []
+    args += ["--model", str(model)] if model else []
+    args += ["--threshold", str(threshold)] if threshold is not None else []
+    return args
 
 
 class BackgroundProcess:
@@ -56,9 +87,16 @@ class BackgroundProcess:
         self.env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT)] + ([path] if path else []))
         self.env["PYTHONUNBUFFERED"] = "1"
         self.grace_s = grace_s
+        # asked to stop through this file (every platform) and SIGINT (POSIX; tests may
+        # turn signals off to follow the Windows path)
+        self.stop_file = Path(tempfile.gettempdir()) / \
+            f"emphysema-uad-stop-{os.getpid()}-{id(self):x}-{time.monotonic_ns()}"
+        self.env[STOP_FILE_ENV] = str(self.stop_file)
+        self.use_signals = not _WINDOWS
         self.process: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()
         self.stderr_tail: deque[str] = deque(maxlen=200)
+        self.last_error: str | None = None  # message of the last "error" event seen
         self.cancelled = False
         self._kill_at: float | None = None
         self._readers: list[threading.Thread] = []
@@ -68,8 +106,10 @@ class BackgroundProcess:
         return cls(cli_command(args, python), **kwargs)
 
     def start(self) -> "BackgroundProcess":
-        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS
-                 else {"start_new_session": True})
+        # its own process group / session, so that the tree can be signalled and killed
+        # together; no console window on Windows
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP
+                  | subprocess.CREATE_NO_WINDOW} if _WINDOWS else {"start_new_session": True})
         self.process = subprocess.Popen(
             self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
@@ -103,8 +143,17 @@ class BackgroundProcess:
     @property
     def finished(self) -> bool:
         """Exited, and every line it wrote has been read."""
-        return (self.process is not None and self.process.poll() is not None
+        done = (self.process is not None and self.process.poll() is not None
                 and not any(r.is_alive() for r in self._readers))
+        if done:
+            self._remove_stop_file()
+        return done
+
+    def _remove_stop_file(self) -> None:
+        try:
+            self.stop_file.unlink()
+        except OSError:
+            pass
 
     def poll(self) -> list[dict]:
         """Events since the last call (never blocks); kills the tree once a cancel's grace
@@ -114,9 +163,12 @@ class BackgroundProcess:
         out = []
         while True:
             try:
-                out.append(self.events.get_nowait())
+                event = self.events.get_nowait()
             except queue.Empty:
                 return out
+            if event.get("event") == "error" and event.get("message"):
+                self.last_error = str(event["message"])
+            out.append(event)
 
     def cancel(self, grace_s: float | None = None) -> None:
         """Ask the process to stop (it saves what it can); `poll()` or `wait()` kill the
@@ -125,9 +177,8 @@ class BackgroundProcess:
             return
         self.cancelled = True
         self._kill_at = time.monotonic() + (self.grace_s if grace_s is None else grace_s)
-        if _WINDOWS:
-            self.process.send_signal(signal.CTRL_BREAK_EVENT)
-        else:
+        self.stop_file.write_text("stop\n")
+        if self.use_signals:
             _signal_group(self.process.pid, signal.SIGINT)
 
     def kill(self) -> None:
@@ -136,7 +187,8 @@ class BackgroundProcess:
             return
         if _WINDOWS:
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           capture_output=True, check=False)
+                           capture_output=True, check=False,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
         else:
             _signal_group(self.process.pid, signal.SIGKILL)
 
@@ -151,6 +203,7 @@ class BackgroundProcess:
             time.sleep(0.05)
         for reader in self._readers:
             reader.join(timeout=5)
+        self._remove_stop_file()
         return self.returncode
 
 

@@ -32,6 +32,7 @@ from .inference import choose_device
 from .intensity import HU_WINDOW, hu_to_unit
 from .lesions import MORPHOLOGIES, random_training_lesions, synthesize_lesions
 from .network import EDLNet, build_model, count_parameters
+from .process import stop_requested
 from .progress import Progress
 from .training_data import SliceCache, build_slice_cache, find_all_cases
 
@@ -279,9 +280,10 @@ def train_step(model, optimizer, batch, device: torch.device, lr: float,
 
 # --- stopping on signals ------------------------------------------------------------------
 class StopFlag:
-    """Set by SIGINT/SIGTERM once installed (or by a caller); a second SIGINT interrupts at
-    once. Installed only when the training loop starts: before that (reading the cases)
-    there is nothing to save, and Ctrl-C stops straight away."""
+    """Set by SIGINT/SIGTERM once installed (or by a caller, or by the launcher's stop file:
+    `process.stop_requested`); a second SIGINT interrupts at once. Installed only when the
+    training loop starts: before that (reading the cases) there is nothing to save, and
+    Ctrl-C stops straight away."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -291,6 +293,10 @@ class StopFlag:
         self.signum = self.signum or signum
 
     def is_set(self) -> bool:
+        # a GUI's Cancel on any platform (Windows has no SIGINT for a GUI's workers): the
+        # stop file of process.BackgroundProcess, handled like Ctrl-C
+        if self.signum is None and stop_requested():
+            self.request(signal.SIGINT)
         return self.signum is not None
 
     def _handler(self, signum, _frame):

@@ -3,6 +3,7 @@ export files. Skips where slicer-core is not installed."""
 from __future__ import annotations
 
 import csv
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +53,28 @@ class HeadlessSlicer:
 @pytest.fixture
 def app():
     return HeadlessSlicer()
+
+
+def terminology_of(segment) -> str:
+    value = vtk.reference("")
+    assert segment.GetTag(mrml.TERMINOLOGY_TAG, value)
+    return str(value)
+
+
+def segmentation_from_labels(app, ct_node, labels: np.ndarray, names: dict[int, str]):
+    """A segmentation node with one segment per label value, on the CT's grid."""
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lobes")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    m = vtk.vtkMatrix4x4()
+    ct_node.GetIJKToRASMatrix(m)
+    for label, name in names.items():
+        mask = (labels == label).astype(np.uint8)
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
+        image.SetImageToWorldMatrix(m)
+        segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, name, (1, 0, 0))
+    return segmentation
 
 
 def chest_like(shape=(24, 40, 48), geometry=OBLIQUE, seed=0) -> Volume:
@@ -145,15 +168,29 @@ def test_result_nodes_overlay_the_input(app, tmp_path):
     out.anomaly.GetIJKToRASMatrix(m_out)
     np.testing.assert_allclose(mrml._matrix_to_numpy(m_out), ref, atol=1e-9)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.anomaly), result.anomaly)
-    assert out.anomaly.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLOR_NODE_ID
-    assert app.scene.GetNodeByID(mrml.HEAT_COLOR_NODE_ID) is not None
+    display = out.anomaly.GetDisplayNode()
+    assert display.GetColorNodeID() == mrml.HEAT_COLOR_NODE_ID
+    assert app.scene.GetNodeByID(mrml.HEAT_COLOR_NODE_ID) is not None  # a real colour table
+    assert (display.GetWindow(), display.GetLevel()) == (1.0, 0.5)
+    # low anomaly is transparent in the overlay: the CT shows through
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert display.GetLowerThreshold() == pytest.approx(mrml.ANOMALY_DISPLAY_FLOOR)
 
     # the segment, exported on the CT grid, is the label map voxel for voxel
     np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node),
                                   result.emphysema)
     segment = out.segmentation.GetSegmentation().GetNthSegment(0)
     assert segment.GetName() == "Emphysema"
-    assert "87433001^Pulmonary emphysema" in segment.GetTerminology()
+    assert "~SCT^87433001^Pulmonary emphysema~" in terminology_of(segment)
+    # the tag Slicer 5.6 and later read, and that parses as a terminology entry
+    assert slicer.vtkSegment.GetTerminologyEntryTagName() == mrml.TERMINOLOGY_TAG
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(
+        terminology_of(segment), entry)
+    assert (entry.GetTypeObject().GetCodingSchemeDesignator(),
+            entry.GetTypeObject().GetCodeValue(), entry.GetTypeObject().GetCodeMeaning()) \
+        == ("SCT", "87433001", "Pulmonary emphysema")
+    assert entry.GetCategoryObject().GetCodeValue() == "49755003"
     reference = out.segmentation.GetSegmentation().GetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
     assert reference  # reference geometry taken from the input
@@ -184,7 +221,8 @@ def test_exports_reload_identical(app, tmp_path):
     path = mrml.save_segmentation(out.segmentation, tmp_path / "emphysema.seg.nrrd")
     reloaded = mrml.load_segmentation(path, app.scene)
     np.testing.assert_array_equal(mrml.segment_array(reloaded, ct_node), result.emphysema)
-    assert "87433001" in reloaded.GetSegmentation().GetNthSegment(0).GetTerminology()
+    assert terminology_of(reloaded.GetSegmentation().GetNthSegment(0)) == \
+        mrml.emphysema_terminology()
 
     nifti = mrml.save_label_map(out.segmentation, ct_node, tmp_path / "emphysema.nii.gz")
     image = sitk.ReadImage(str(nifti))
@@ -273,3 +311,70 @@ def test_detection_on_a_phantom_node_comes_back_on_its_grid(app, tmp_path):
     assert table.GetNumberOfRows() == len(result.measurements) == 3 + len(result.legend)
     assert [table.GetValueByName(r, "stage").ToString() for r in range(table.GetNumberOfRows())] \
         == ["" if row["stage"] is None else row["stage"] for row in result.measurements]
+
+
+def _tiny_model(path):
+    from EmphysemaUADLib.checkpoint import save_checkpoint
+    from EmphysemaUADLib.network import EDLNet
+
+    model = EDLNet(width=4)
+    save_checkpoint(path, model.state_dict(), {"model": model.config, "input_size": 64,
+                                               "intensity_window": [-1000, 400],
+                                               "training": {}})
+    return path
+
+
+@pytest.mark.slow  # a real `detect` process: about 15 s on 2 cores
+def test_background_detection_nodes_equal_the_cli_files(app, tmp_path):
+    """What the widget does with "Run in a background process": the CT node and a lobe
+    segmentation node go to files, a real `python -m EmphysemaUADLib detect` process runs on
+    them, its files come back as nodes. The segment equals the CLI's label map voxel for
+    voxel, and the in-process result; the table holds every lobe and stage of its report."""
+    import json
+
+    from EmphysemaUADLib.detection import Detector, detect_case
+    from EmphysemaUADLib.phantom import make_phantom
+    from EmphysemaUADLib.process import BackgroundProcess, detect_args
+    from EmphysemaUADLib.volume_io import read_labels
+
+    phantom = make_phantom(5, shape=(20, 64, 64), spacing=(5.0, 5.0, 5.0), emphysema="severe")
+    ct_node = mrml.volume_to_node(phantom.ct, app.scene, "phantom")
+    # lobes from the phantom's zones: upper/middle/lower right, upper and the rest left
+    lobe_names = {1: "RUL", 2: "RML", 3: "RLL", 4: "LUL", 5: "left lower lobe"}
+    lobes = np.minimum(phantom.zones, 5).astype(np.uint8)
+    lobes_node = segmentation_from_labels(app, ct_node, lobes, lobe_names)
+    model = _tiny_model(tmp_path / "tiny.pt")
+
+    ct_path, lobes_path = mrml.write_detection_inputs(ct_node, tmp_path / "in", lobes_node)
+    process = BackgroundProcess.cli(detect_args(ct_path, tmp_path / "out", lobes_path, model,
+                                                0.5, "cpu")).start()
+    events = []
+    while not process.finished:
+        events += process.poll()
+        time.sleep(0.05)
+    events += process.poll()
+    assert process.returncode == 0, list(process.stderr_tail)[-10:]
+    assert any(e["event"] == "step" for e in events)  # JSON progress came through
+
+    case = tmp_path / "out" / "ct"
+    out = mrml.detection_outputs_to_nodes(case, ct_node)
+    cli_labels = read_labels(case / "emphysema.nii.gz").array
+    np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node), cli_labels)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.anomaly),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(
+                                      str(case / "anomaly_map.nii.gz"))))
+
+    # the same detection in this process (the panel's other mode) gives the same labels
+    detector = Detector.load(model, "cpu", threshold=0.5)
+    result = detect_case(mrml.volume_from_node(ct_node), detector,
+                         lobes=mrml.write_lobes(lobes_node, ct_node, tmp_path / "again"))
+    np.testing.assert_array_equal(result.emphysema, cli_labels)
+
+    report = json.loads((case / "report.json").read_text())
+    assert report["region_kind"] == "lobes"
+    table = out.table.GetTable()
+    rows = [(table.GetValueByName(r, "region").ToString(),
+             table.GetValueByName(r, "stage").ToString()) for r in range(table.GetNumberOfRows())]
+    assert rows == [(row["region"], row["stage"] or "") for row in report["regions"]]
+    assert {name for name, _ in rows} >= {"whole lung", "right upper lobe", "left lower lobe"}
+    assert out.table.GetAttribute("EmphysemaUAD.RegionKind") == "lobes"

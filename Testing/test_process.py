@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from EmphysemaUADLib.process import BackgroundProcess, cli_command
+from EmphysemaUADLib.process import (STOP_FILE_ENV, BackgroundProcess, cli_command, detect_args,
+                                     python_executable)
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and groups")
 
@@ -56,6 +57,49 @@ def test_json_lines_become_events_and_other_output_log_lines(tmp_path):
     assert names == ["start", "log", "step", "step", "step", "done"]
     assert {"event": "log", "message": "a warning", "level": "stderr"} in events
     assert list(process.stderr_tail) == ["a warning"]
+    assert process.last_error is None
+
+
+def test_the_last_error_event_is_kept_for_the_message_box(tmp_path):
+    process = BackgroundProcess(script(tmp_path, """
+        import json
+        print(json.dumps({"event": "error", "message": "no lung found; is this a chest CT?"}))
+        raise SystemExit(2)
+    """)).start()
+    collect(process)
+    assert process.returncode == 2
+    assert process.last_error == "no lung found; is this a chest CT?"
+
+
+def test_inside_slicer_the_worker_runs_under_pythonslicer(tmp_path, monkeypatch):
+    """In Slicer sys.executable is the application; its PythonSlicer launcher (on PATH in
+    Slicer) runs the worker with Slicer's Python environment."""
+    assert python_executable() == sys.executable  # a plain Python runs its own workers
+    app = tmp_path / "Slicer-5.8" / "bin"
+    app.mkdir(parents=True)
+    (app / "SlicerApp-real").write_text("")
+    launcher = tmp_path / "on-path" / "PythonSlicer"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(app / "SlicerApp-real"))
+    monkeypatch.setenv("PATH", str(launcher.parent))
+    assert python_executable() == str(launcher)
+    assert cli_command(["--version"])[:3] == [str(launcher), "-m", "EmphysemaUADLib"]
+    # not on PATH: the one beside the application
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    (app / "PythonSlicer").write_text("")
+    assert python_executable() == str(app / "PythonSlicer")
+
+
+def test_detect_arguments():
+    assert detect_args("/t/ct.nrrd", "/t/out", None, None, None, "cpu") == \
+        ["detect", "/t/ct.nrrd", "--output-dir", "/t/out", "--device", "cpu"]
+    args = detect_args("/t/ct.nrrd", "/t/out", "/t/lobes.nrrd", "/m/best.pt", 0.4)
+    assert args[args.index("--lobes") + 1] == "/t/lobes.nrrd"
+    assert args[args.index("--model") + 1] == "/m/best.pt"
+    assert args[args.index("--threshold") + 1] == "0.4"
+    assert args[args.index("--device") + 1] == "auto"
 
 
 def test_worker_imports_the_library_from_any_folder(tmp_path):
@@ -81,6 +125,32 @@ def test_cancel_lets_the_process_save_then_exit(tmp_path):
     assert process.wait(timeout=20) == 130
     assert (tmp_path / "saved").read_text() == "ok"
     assert process.cancelled
+
+
+def test_cancel_without_signals_uses_the_stop_file(tmp_path):
+    """Windows' path (no SIGINT for a GUI's workers), taken here with signals turned off: the
+    worker sees the stop file, saves and exits; the file is gone afterwards."""
+    process = BackgroundProcess(script(tmp_path, f"""
+        import json, pathlib, signal, sys, time
+        from EmphysemaUADLib.process import stop_requested
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the file can stop it
+        print(json.dumps({{"event": "start"}}), flush=True)
+        for _ in range(1200):
+            if stop_requested():
+                pathlib.Path({str(tmp_path / 'saved')!r}).write_text("ok")
+                sys.exit(130)
+            time.sleep(0.05)
+        sys.exit(3)
+    """), grace_s=30)
+    process.use_signals = False
+    assert process.env[STOP_FILE_ENV] == str(process.stop_file)
+    process.start()
+    collect(process, until=lambda e: e["event"] == "start")
+    assert not process.stop_file.exists()
+    process.cancel()
+    assert process.wait(timeout=20) == 130
+    assert (tmp_path / "saved").read_text() == "ok"
+    assert not process.stop_file.exists()
 
 
 @posix_only
@@ -163,12 +233,19 @@ def test_training_in_the_background_cancels_to_a_resumable_checkpoint(tmp_path,
 
     stopped_at = max(e["step"] for e in events if e["event"] == "step")
 
+    # resumed, then cancelled the way Windows does it: the stop file only, no signal
     resumed = BackgroundProcess.cli(
         ["train", healthy_cases, "--output", out, "--epochs", 1000, "--width", 4,
-         "--batch-size", 2, "--size", 64, "--device", "cpu", "--resume"], grace_s=60).start()
+         "--batch-size", 2, "--size", 64, "--device", "cpu", "--resume"], grace_s=60)
+    resumed.use_signals = False
+    resumed.start()
     more = collect(resumed, until=lambda e: e["event"] in ("step", "error"), timeout=120)
+    saved_before = last.stat().st_mtime_ns
     resumed.cancel()
-    assert resumed.wait(timeout=90) == 130
+    assert resumed.wait(timeout=90) == 130, list(resumed.stderr_tail)[-10:]
+    more += resumed.poll()
+    assert any(e["event"] == "interrupted" for e in more)
+    assert last.stat().st_mtime_ns > saved_before  # saved again at the stop
     assert not [e for e in more if e["event"] == "error"], more
     steps = [e for e in more if e["event"] == "step"]
     assert steps[0]["step"] > stopped_at  # goes on from the checkpoint, not from the start

@@ -1,6 +1,8 @@
 """The .ui file and the module code agree, checked without Slicer: every `self.ui.X` the
 module reaches exists with the class its role needs, every SlicerParameterName names a field
-of the parameter node class (read with ast, not imported) with a widget that can show it."""
+of the parameter node class (read with ast, not imported) with a widget that can show it, and
+the field's annotations are what Slicer's parameterNodeWrapper needs for that widget (its
+serializers and GUI connectors, Slicer 5.x: Base/Python/slicer/parameterNodeWrapper)."""
 from __future__ import annotations
 
 import ast
@@ -83,6 +85,22 @@ def type_kind(annotation: ast.expr) -> tuple[str, list[str]]:
     return text, []
 
 
+def annotations_of(annotation: ast.expr) -> list[str]:
+    """The Annotated[...] extras of a field, as source text (e.g. 'WithinRange(1, 100)')."""
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        return [ast.unparse(e) for e in annotation.slice.elts[1:]]
+    return []
+
+
+def number_property(widget, name):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            node = prop.find("number")
+            node = node if node is not None else prop.find("double")
+            return None if node is None else float(node.text)
+    return None
+
+
 def string_property(widget, name):
     for prop in widget.findall("property"):
         if prop.get("name") == name:
@@ -137,3 +155,54 @@ def test_custom_widgets_are_declared(ui, widgets):
     custom = {c for c in used if c.startswith(("qMRML", "ctk"))}
     assert custom <= declared, f"undeclared custom widgets: {custom - declared}"
 
+
+
+def bound_fields(module_tree, widgets):
+    fields = parameter_fields(module_tree)
+    for name, widget in widgets.items():
+        parameter = string_property(widget, "SlicerParameterName")
+        if parameter is not None:
+            yield parameter, fields[parameter], widget
+
+
+def test_unions_of_nodes_include_none(module_tree, widgets):
+    """The wrapper's UnionSerializer can store None only when None is one of the types: a
+    selector with noneEnabled bound to Union[A, B] fails when the user picks "None"."""
+    unions = 0
+    for parameter, annotation, widget in bound_fields(module_tree, widgets):
+        text = ast.unparse(annotation)
+        if "Union[" in text and type_kind(annotation)[0] == "node":
+            unions += 1
+            assert "None" in text or text.startswith("Optional["), \
+                f"{parameter}: {text} cannot hold None; write Optional[Union[...]]"
+            assert widget.find("property[@name='noneEnabled']/bool").text == "true"
+    assert unions >= 1  # the lobes selector
+
+
+def test_numbers_have_the_range_of_their_widget(module_tree, widgets):
+    """Slicer's spin box and slider connectors overwrite the .ui's minimum and maximum with
+    the field's WithinRange (a slider without one is refused, a spin box becomes unbounded):
+    every number field has one, equal to the range drawn in the .ui."""
+    numbers = 0
+    for parameter, annotation, widget in bound_fields(module_tree, widgets):
+        if type_kind(annotation)[0] not in ("int", "float"):
+            continue
+        numbers += 1
+        ranges = [a for a in annotations_of(annotation) if a.startswith("WithinRange(")]
+        assert ranges, f"{parameter}: needs Annotated[..., WithinRange(min, max)]"
+        low, high = (float(ast.literal_eval(v)) for v in
+                     ast.parse(ranges[0]).body[0].value.args)
+        ui_range = (number_property(widget, "minimum"), number_property(widget, "maximum"))
+        assert ui_range == (low, high), f"{parameter}: .ui range {ui_range} != {(low, high)}"
+    assert numbers >= 4  # threshold, epochs, width, batch size
+
+
+def test_combo_boxes_have_their_choices(module_tree, widgets):
+    """A QComboBox bound to a str needs Choice(...) (the connector fills the items from it)."""
+    combos = 0
+    for parameter, annotation, widget in bound_fields(module_tree, widgets):
+        if widget.get("class") == "QComboBox":
+            combos += 1
+            assert any(a.startswith("Choice(") for a in annotations_of(annotation)), \
+                f"{parameter}: a combo box needs Annotated[str, Choice([...])]"
+    assert combos == 3  # model source, detection device, training device
