@@ -194,6 +194,17 @@ def _add_train(sub) -> None:
     p.add_argument("--cache-dir", help="slice cache folder (default: MODEL_DIR/cache)")
     p.add_argument("--workers", type=int,
                    help="data loading processes (default: 0 on CPU, up to 12 on a GPU)")
+    baselines = p.add_argument_group("baselines for `evaluate` (train them on the same data)")
+    baselines.add_argument("--no-scrb", dest="scrb", action="store_false",
+                           help="plain double-conv bottleneck instead of the SCRB")
+    baselines.add_argument("--no-gate", dest="gate", action="store_false",
+                           help="plain U-Net skip concatenation instead of the gated fusion")
+    baselines.add_argument("--detach-fusion", action="store_true",
+                           help="detach the decoder features at the fusion, as the published "
+                                "code does (leaves most weights untrained)")
+    baselines.add_argument("--reconstruction-only", action="store_true",
+                           help="no anomaly term: an autoencoder that detects by the residual "
+                                "|input - reconstruction|")
     p.set_defaults(run=_run_train)
 
 
@@ -209,7 +220,9 @@ def _run_train(args) -> int:
         batch_size=args.batch_size, size=args.size, patch_size=args.patch_size,
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
         max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
-        device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers)
+        device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers,
+        scrb=args.scrb, gate=args.gate, detach_fusion=args.detach_fusion,
+        reconstruction_only=args.reconstruction_only)
     try:
         result = train(options, progress)
     except Exception as exc:
@@ -229,7 +242,93 @@ def _run_train(args) -> int:
     return 0
 
 
-COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_train]
+# --- evaluate ----------------------------------------------------------------------------
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="synthetic benchmark against ground truth and baselines",
+                       description="Run the model and the baselines (LAA-950, LAA-950 after "
+                                   "a noise filter, Perc15, and the trained baselines whose "
+                                   "checkpoints are given) on phantoms with known emphysema; "
+                                   "writes results.md, results.json and PNG charts.")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for the results")
+    p.add_argument("--model", help="checkpoint under test (default: the bundled model)")
+    p.add_argument("--baseline-model", action="append", metavar="NAME=PATH",
+                   help="a trained baseline, repeatable; NAME: autoencoder, no-scrb, no-gate "
+                        "or detached-fusion (see `emphysema-uad train --help`)")
+    p.add_argument("--cases", choices=("full", "small"), default="full",
+                   help="full: 80 cases (60 with emphysema); small: 6 cases, a quick check")
+    p.add_argument("--matrix", type=int, default=224,
+                   help="in-plane pixels of the phantoms (over a 358 mm field of view)")
+    p.add_argument("--z-extent", type=float, default=280.0,
+                   help="scan length in mm (slices = length / slice thickness)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap samples of the cases for the 95 %% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the first case")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .evaluation import benchmark_cases, build_methods, evaluate, markdown, write_results
+    from .progress import Progress
+
+    if args.matrix < 16 or args.z_extent <= 0:
+        raise InputError(f"--matrix must be at least 16 and --z-extent positive (got "
+                         f"{args.matrix}, {args.z_extent}).")
+    methods, skipped = build_methods(args.model, args.baseline_model, args.device,
+                                     args.batch_size)
+    cases = benchmark_cases(args.cases, args.seed)
+    results = evaluate(cases, methods, skipped, args.matrix, args.z_extent, args.bootstrap,
+                       progress=Progress(args.progress))
+    command = " ".join(
+        ["emphysema-uad evaluate", f"--cases {args.cases}", f"--matrix {args.matrix}",
+         f"--z-extent {args.z_extent:g}", f"--bootstrap {args.bootstrap}", f"--seed {args.seed}"]
+        + [f"--model {args.model}"] * bool(args.model)
+        + [f"--baseline-model {spec}" for spec in args.baseline_model or ()]
+        + [f"-o {args.output_dir}"])
+    written = write_results(results, args.output_dir, command)
+    if args.progress != "json":
+        print(markdown(results, command))
+    for path in written:
+        _info(f"written: {path}")
+    return 0
+
+
+# --- benchmark ---------------------------------------------------------------------------
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="speed and memory of detection (CPU, and GPU if any)",
+                       description="Time detection step by step on the real CT of "
+                                   "../shared/data (or --ct; a phantom when neither is "
+                                   "there), on the CPU and, where PyTorch sees one, the GPU.")
+    p.add_argument("--ct", help="CT file or DICOM folder to time (default: the shared real CT)")
+    p.add_argument("--model", help="checkpoint (default: the bundled model)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    p.add_argument("--output-dir", "-o", help="also write benchmark.md and benchmark.json here")
+    p.set_defaults(run=_run_benchmark)
+
+
+def _run_benchmark(args) -> int:
+    import json
+
+    from .benchmark import markdown, run_benchmark
+    from .progress import Progress
+    from .report import write_text_atomic
+
+    results = run_benchmark(args.model, args.ct, args.batch_size, Progress("bar"))
+    text = markdown(results)
+    print(text)
+    if args.output_dir:
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in (write_text_atomic(folder / "benchmark.md", text),
+                     write_text_atomic(folder / "benchmark.json", json.dumps(results, indent=1))):
+            _info(f"written: {path}")
+    return 0
+
+
+COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_train, _add_evaluate,
+            _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,11 @@ class Detector:
         return cls(model, config, str(path), dev, threshold,
                    Staging.load(staging) if staging else Staging(), batch_size)
 
+    @property
+    def score(self) -> str:
+        """The voxel score the model was trained for (inference.SCORES)."""
+        return self.config.get("score", "anomaly")
+
 
 @dataclass
 class CaseResult:
@@ -118,7 +123,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None, progress=None, log=N
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     anomaly = timer("network", predict_anomaly, ct.array, lungs, detector.model,
-                    detector.device, detector.batch_size, progress)
+                    detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all():

@@ -4,6 +4,10 @@ Slices are cropped to the lungs' in-plane bounding box (padded with air to a mul
 as the U-Net needs), streamed through the network a batch at a time, and the anomaly
 probabilities written straight into a map of the CT's shape: memory on the device is bounded
 by the batch, whatever the number of slices.
+
+The voxel score is the anomaly head's probability, or, for a reconstruction-only model (the
+baseline of the reconstruction-based detectors, trained without the anomaly term), the
+residual |input - reconstruction| in the network's [0, 1] intensity units (1 = 1400 HU).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from .intensity import hu_to_unit
 
 MULTIPLE = 16  # four 2x down-steps
 BOX_MARGIN = 8  # voxels of context around the lungs
+SCORES = ("anomaly", "residual")
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -39,7 +44,8 @@ def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice,
             slice(max(x[0] - margin, 0), min(x[-1] + 1 + margin, lungs.shape[2])))
 
 
-def _padded(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
+def pad_to_multiple(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Slices (n, h, w) padded with air to multiples of 16; also the top and left pads."""
     n, h, w = batch_hu.shape
     ph, pw = -h % MULTIPLE, -w % MULTIPLE
     if ph or pw:
@@ -48,15 +54,22 @@ def _padded(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
     return batch_hu, ph // 2, pw // 2
 
 
-def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        _, logit = model(x)
+def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
+    """Voxel scores (float32, like x) of a batch x (n, 1, H, W) in [0, 1] units."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        recon, logit = model(x)
+    if score == "residual":
+        return (x.float() - recon.float()).abs()
     return torch.sigmoid(logit.float())
 
 
 def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
-                    device: torch.device, batch_size: int = 8, progress=None) -> np.ndarray:
-    """Voxel anomaly probabilities (float32, CT shape); zero outside the lungs."""
+                    device: torch.device, batch_size: int = 8, progress=None,
+                    score: str = "anomaly") -> np.ndarray:
+    """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs."""
+    if score not in SCORES:
+        raise InputError(f"unknown voxel score {score!r} in the model config; this version "
+                         f"knows {', '.join(SCORES)}.")
     anomaly = np.zeros(hu.shape, np.float32)
     box = lung_box(lungs)
     if box is None:
@@ -70,12 +83,12 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
     with torch.inference_mode():
         while done < total:
             chunk = slice(zs.start + done, min(zs.start + done + batch_size, zs.stop))
-            batch, top, left = _padded(hu[chunk, ys, xs].astype(np.float32))
+            batch, top, left = pad_to_multiple(hu[chunk, ys, xs].astype(np.float32))
             x = torch.from_numpy(hu_to_unit(batch)[:, None]).to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                prob = _forward(model, x, device)
+                prob = score_batch(model, x, score)
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise

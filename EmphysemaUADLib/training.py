@@ -10,6 +10,10 @@ Everything random is a function of (seed, epoch, position in the epoch), and the
 uninterrupted one would. SIGINT/SIGTERM finish the current step, save `last.pt` and stop.
 Under torchrun (WORLD_SIZE > 1) the batches are shared over the processes with DDP; rank 0
 alone validates, writes checkpoints and reports progress.
+
+Baselines train the same way: the published network's variants (no SCRB, no gate, detached
+fusion) and a reconstruction-only model (no anomaly term; it detects by the residual
+|input - reconstruction|, with the cut-point of best Dice on the validation slices).
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ import torch.nn.functional as F
 from .acquisition import KERNELS, NOISE_LEVELS, add_ct_noise, apply_kernel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
-from .inference import choose_device
+from .inference import choose_device, score_batch
 from .intensity import HU_WINDOW, hu_to_unit
 from .lesions import MORPHOLOGIES, random_training_lesions, synthesize_lesions
+from .metrics import best_dice, binned
 from .network import EDLNet, build_model, count_parameters
 from .process import stop_requested
 from .progress import Progress
@@ -42,6 +47,8 @@ P_KERNEL = 0.5  # re-filter with a random reconstruction kernel
 P_NOISE = 0.5  # add noise of a random level (so a quarter of the samples keep neither)
 WARMUP_SHARE = 0.1
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# residual cut-points tried (0.35 HU apart); strictly inside (0, 1) as detection requires
+RESIDUAL_EDGES = np.linspace(0.0, 1.0, 4001)[1:-1]
 
 
 @dataclass
@@ -60,6 +67,10 @@ class TrainOptions:
     anomaly_loss: str = "mse"  # "mse" (published) or "bce" (BCE with logits)
     lr: float = 1e-4
     weight_decay: float = 5e-5
+    scrb: bool = True  # the network variants (network.EDLNet)
+    gate: bool = True
+    detach_fusion: bool = False
+    reconstruction_only: bool = False  # no anomaly term; detection by the residual
     # per invocation, not part of the run's identity:
     device: str = "auto"
     resume: bool = False
@@ -91,7 +102,8 @@ class TrainOptions:
 
 # What defines a run: on --resume these come from last.pt.
 RUN_KEYS = ("epochs", "width", "batch_size", "size", "patch_size", "steps_per_epoch", "seed",
-            "val_fraction", "max_val_slices", "anomaly_loss", "lr", "weight_decay")
+            "val_fraction", "max_val_slices", "anomaly_loss", "lr", "weight_decay", "scrb",
+            "gate", "detach_fusion", "reconstruction_only")
 
 
 # --- samples ------------------------------------------------------------------------------
@@ -215,8 +227,10 @@ def validation_set(cache: SliceCache, indices, seed: int, max_slices: int) -> Va
     return ValidationSet(np.stack(xs)[:, None], np.stack(masks), np.stack(lungs))
 
 
-def validate(model, val: ValidationSet, device: torch.device, batch_size: int):
-    """(voxel AUROC inside the lungs or None, Dice at probability 0.5)."""
+def validate(model, val: ValidationSet, device: torch.device, batch_size: int,
+             score: str = "anomaly"):
+    """(voxel AUROC inside the lungs or None, Dice, threshold): for the anomaly probability
+    at 0.5; for the residual, which has no natural cut-point, at the one of best Dice."""
     from sklearn.metrics import roc_auc_score
 
     was_training = model.training
@@ -227,17 +241,17 @@ def validate(model, val: ValidationSet, device: torch.device, batch_size: int):
             x = torch.from_numpy(val.x[start:start + batch_size]).to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
-                _, logit = model(x)
-            probs.append(torch.sigmoid(logit.float())[:, 0].cpu().numpy())
+            probs.append(score_batch(model, x, score)[:, 0].cpu().numpy())
     model.train(was_training)
     prob, truth = np.concatenate(probs)[val.lungs], val.mask[val.lungs]
     auroc = float(roc_auc_score(truth, prob)) if 0 < truth.sum() < truth.size else None
+    if score == "residual":
+        dice, threshold = best_dice(binned(prob, truth, RESIDUAL_EDGES))
+        return auroc, dice, threshold
     predicted = prob > 0.5
     denominator = predicted.sum() + truth.sum()
     dice = float(2 * (predicted & truth).sum() / denominator) if denominator else 1.0
-    return auroc, dice
+    return auroc, dice, 0.5
 
 
 # --- optimisation -------------------------------------------------------------------------
@@ -249,12 +263,14 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def compute_loss(model, x, target, mask, anomaly_loss: str = "mse"):
+def compute_loss(model, x, target, mask, anomaly_loss: str | None = "mse"):
     """MSE(reconstruction, clean) + anomaly term (MSE of the probability, published, or BCE
-    with logits), 1:1; computed in float32 whatever the autocast."""
+    with logits; None: no anomaly term), 1:1; computed in float32 whatever the autocast."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         recon, logit = model(x)
     recon, logit = recon.float(), logit.float()
+    if anomaly_loss is None:
+        return F.mse_loss(recon, target)
     if anomaly_loss == "bce":
         anomaly = F.binary_cross_entropy_with_logits(logit, mask)
     else:
@@ -263,7 +279,7 @@ def compute_loss(model, x, target, mask, anomaly_loss: str = "mse"):
 
 
 def train_step(model, optimizer, batch, device: torch.device, lr: float,
-               anomaly_loss: str = "mse") -> torch.Tensor:
+               anomaly_loss: str | None = "mse") -> torch.Tensor:
     """One optimiser step on one batch; returns the (detached) loss before the step."""
     x, target, mask = (t.to(device, non_blocking=True) for t in batch)
     if device.type == "cuda":
@@ -435,7 +451,12 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
     val = validation_set(cache, val_idx, opts.seed, opts.max_val_slices) if procs.main else None
 
     torch.manual_seed(opts.seed)
-    model = (build_model(saved.config["model"]) if saved else EDLNet(width=opts.width))
+    model = (build_model(saved.config["model"]) if saved else
+             EDLNet(width=opts.width, scrb=opts.scrb, gate=opts.gate,
+                    detach_fusion=opts.detach_fusion))
+    voxel_score = "residual" if opts.reconstruction_only else "anomaly"
+    anomaly_loss = None if opts.reconstruction_only else opts.anomaly_loss
+    threshold = 0.5  # of the anomaly probability; a residual's comes from validation
     if saved:
         model.load_state_dict(saved.state_dict)
     model = model.to(device)
@@ -477,7 +498,8 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
 
     def config(extra: dict) -> dict:
         return {"model": model.config, "input_size": opts.size,
-                "intensity_window": list(HU_WINDOW), "threshold": 0.5,
+                "intensity_window": list(HU_WINDOW), "score": voxel_score,
+                "threshold": threshold,
                 "training": {**{k: getattr(opts, k) for k in RUN_KEYS}, **summary,
                              "steps_per_epoch": steps_per_epoch, "world_size": procs.world,
                              "device": device.type, **extra}}
@@ -514,7 +536,7 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
         started = time.monotonic()
         for batch in loader:
             lr = opts.lr * lr_factor(step, total, warmup)
-            loss = train_step(net, optimizer, batch, device, lr, opts.anomaly_loss)
+            loss = train_step(net, optimizer, batch, device, lr, anomaly_loss)
             step += 1
             if on_step is not None:
                 on_step(step, float(loss))
@@ -527,9 +549,11 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
         record = {"epoch": epochs_done, "step": step, "seconds": round(time.monotonic() -
                                                                         started, 2)}
         if procs.main:
-            auroc, dice = validate(model, val, device, opts.batch_size)
-            record.update(auroc=auroc, dice=dice)
-            progress.event("validation", epoch=epochs_done, auroc=auroc, dice=dice)
+            auroc, dice, threshold = validate(model, val, device, opts.batch_size,
+                                             voxel_score)
+            record.update(auroc=auroc, dice=dice, threshold=threshold)
+            progress.event("validation", epoch=epochs_done, auroc=auroc, dice=dice,
+                           threshold=threshold)
             score = -1.0 if auroc is None else auroc
             if best_score is None or score > best_score:
                 best_score, best_auroc = score, auroc

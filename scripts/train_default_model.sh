@@ -12,7 +12,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup-env.sh")"
 cli="$venv/bin/emphysema-uad"
 work="${1:-$root/output/default-model}"
-real="${REAL_CT:-$root/../shared/data/chest-ct-dicom}"
 
 mkdir -p "$work/phantoms"
 seed=100
@@ -30,16 +29,9 @@ for geometry in "112 224 224:2.5 1.6 1.6" "120 400 400:2.0 0.9 0.9"; do
     done
 done
 
-data=("$work/phantoms")
-if [ -d "$real" ]; then
-    data+=("$real")
-else
-    echo "note: $real not found; training on phantoms only" >&2
-fi
+source "$root/scripts/training_settings.sh"  # data and settings, shared with the baselines
 resume=()
 [ -f "$work/run/last.pt" ] && resume=(--resume)
-settings=(--width 16 --epochs 16 --steps-per-epoch 100 --batch-size 16 --patch-size 144
-          --lr 1e-3 --anomaly-loss bce --val-slices 64 --seed 0)
 "$cli" train "${data[@]}" --output "$work/run" "${settings[@]}" "${resume[@]}"
 "$venv/bin/python" "$root/scripts/export_default_model.py" "$work/run/best.pt" \
     --output "$root/Resources/Models" \

@@ -1,0 +1,214 @@
+"""`emphysema-uad benchmark`: how fast detection runs, step by step, and what it costs in memory.
+
+Input: the real CT of ../shared/data/chest-ct-dicom beside the checkout (or --ct), else a
+phantom of the default size. In one run:
+- on the CPU: detect end to end (read, lungs, regions, network, measurements, writing the
+  outputs), each step timed;
+- on a GPU, where PyTorch sees one: the same (after a warm-up run), then the pure network
+  forward of the same lung-box slices (already on the GPU, same batches, synchronised) and
+  the ratios end-to-end / forward and network step / forward (target <= 1.5); throughput of
+  a width-64 EDLNet at 384 x 384 in bf16, inference (slices/s, batch 32) and training steps
+  (slices/s, batch 32), each with its peak GPU memory.
+Peak RAM is the process's high-water mark (ru_maxrss), read after each part.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .detection import Detector, detect_case
+from .inference import lung_box, pad_to_multiple
+from .intensity import hu_to_unit
+from .volume_io import read_ct
+
+DEFAULT_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct-dicom"
+THROUGHPUT = {"width": 64, "size": 384, "batch": 32}
+WARMUP_STEPS, TIMED_STEPS = 3, 10
+
+
+def machine_info() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the model; platform gives only x86_64
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"summary": f"{cpu}, {cpus} CPU cores usable" + (f", GPU {gpu}" if gpu else
+                                                             ", no GPU"),
+            "cpu": cpu, "cpus_usable": cpus, "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def peak_ram_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_input(ct_path=None, progress=None):
+    """(Volume, seconds to read it, description): --ct, the shared real CT, or a phantom."""
+    path = Path(ct_path) if ct_path else DEFAULT_CT
+    if ct_path or path.exists():
+        start = time.perf_counter()
+        ct = read_ct(path)
+        return ct, round(time.perf_counter() - start, 3), f"{path} {ct.shape}"
+    from .phantom import make_phantom
+
+    if progress:
+        progress.log(f"{path} not found; timing a phantom instead")
+    ct = make_phantom(0).ct
+    return ct, 0.0, f"phantom seed 0 {ct.shape} (the real CT {path} was not found)"
+
+
+def time_detection(ct, detector: Detector) -> dict:
+    """One detection end to end, by step; writing the outputs included (to a temp folder)."""
+    from .report import write_case
+
+    _sync(detector.device)
+    start = time.perf_counter()
+    result = detect_case(ct, detector)
+    _sync(detector.device)
+    with tempfile.TemporaryDirectory() as folder:
+        written = time.perf_counter()
+        write_case(result, detector, "benchmark", Path(folder))
+        steps = {**result.timings, "write": round(time.perf_counter() - written, 3)}
+    steps["total"] = round(time.perf_counter() - start, 3)
+    box = lung_box(result.lungs)
+    return {"steps_s": steps, "slices": 0 if box is None else int(box[0].stop - box[0].start),
+            "lungs": result.lungs}
+
+
+def forward_time(ct, lungs, detector: Detector) -> float:
+    """Seconds of the network forward alone over detection's lung-box slices: the batches
+    are prepared and moved to the device first, so only the model's work is timed."""
+    box = lung_box(lungs)
+    zs, ys, xs = box
+    device, size = detector.device, detector.batch_size
+    batches = []
+    for first in range(zs.start, zs.stop, size):
+        padded, _, _ = pad_to_multiple(ct.array[first:min(first + size, zs.stop), ys, xs]
+                                       .astype(np.float32))
+        x = torch.from_numpy(hu_to_unit(padded)[:, None]).to(device)
+        batches.append(x.contiguous(memory_format=torch.channels_last)
+                       if device.type == "cuda" else x)
+    model = detector.model
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        model(batches[0])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def network_throughput(device: torch.device) -> dict:
+    """Slices/s of a fresh width-64 EDLNet at 384 x 384, bf16: inference and training."""
+    from .network import EDLNet
+    from .training import train_step
+
+    w, size, batch = THROUGHPUT["width"], THROUGHPUT["size"], THROUGHPUT["batch"]
+    model = EDLNet(width=w).to(device).to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 1, size, size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    out = {}
+    torch.cuda.reset_peak_memory_stats(device)
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for step in range(WARMUP_STEPS + TIMED_STEPS):
+            if step == WARMUP_STEPS:
+                _sync(device)
+                start = time.perf_counter()
+            model(x)
+    _sync(device)
+    out["inference_slices_per_s"] = round(batch * TIMED_STEPS / (time.perf_counter() - start), 1)
+    out["inference_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    torch.cuda.reset_peak_memory_stats(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = (x, x, (x > 0.5).float())
+    for step in range(WARMUP_STEPS + TIMED_STEPS):
+        if step == WARMUP_STEPS:
+            _sync(device)
+            start = time.perf_counter()
+        train_step(model, optimizer, data, device, 1e-4)
+    _sync(device)
+    out["training_slices_per_s"] = round(batch * TIMED_STEPS / (time.perf_counter() - start), 1)
+    out["training_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    out.update(THROUGHPUT)
+    return out
+
+
+def run_benchmark(model=None, ct_path=None, batch_size: int = 8, progress=None) -> dict:
+    ct, read_s, source = load_input(ct_path, progress)
+    results = {"input": source, "machine": machine_info(), "read_s": read_s}
+    cpu = Detector.load(model, "cpu", batch_size=batch_size)
+    results["model"] = {"path": cpu.model_path, "config": cpu.config["model"]}
+    if progress:
+        progress.log(f"CPU detection of {source}")
+    run = time_detection(ct, cpu)
+    results["cpu"] = {"steps_s": run["steps_s"], "slices": run["slices"],
+                      "slices_per_s_network": round(run["slices"] / run["steps_s"]["network"], 2),
+                      "peak_ram_mb": peak_ram_mb()}
+    if torch.cuda.is_available():
+        gpu = Detector.load(model, "cuda", batch_size=batch_size)
+        if progress:
+            progress.log("GPU detection (after a warm-up run), forward alone, throughput")
+        time_detection(ct, gpu)  # warm-up: CUDA context, kernels, allocator
+        device = gpu.device
+        torch.cuda.reset_peak_memory_stats(device)
+        run = time_detection(ct, gpu)
+        peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        forward = forward_time(ct, run["lungs"], gpu)
+        steps = run["steps_s"]
+        results["gpu"] = {
+            "steps_s": steps, "slices": run["slices"], "forward_s": round(forward, 4),
+            "end_to_end_over_forward": round(steps["total"] / forward, 2),
+            "network_step_over_forward": round(steps["network"] / forward, 2),
+            "peak_gpu_mb": peak, "throughput": network_throughput(device),
+            "peak_ram_mb": peak_ram_mb()}
+    return results
+
+
+def markdown(results: dict) -> str:
+    cpu, gpu = results["cpu"], results.get("gpu")
+    config = results["model"]["config"]
+    lines = ["# EmphysemaUAD speed", "",
+             f"Input: {results['input']}; read {results['read_s']:.2f} s. Model: "
+             f"{Path(results['model']['path']).name} (width {config['width']}). Machine: "
+             f"{results['machine']['summary']}.", "",
+             "| step (s) | CPU |" + (" GPU |" if gpu else ""),
+             "|---|---|" + ("---|" if gpu else "")]
+    for step in cpu["steps_s"]:
+        lines.append(f"| {step} | {cpu['steps_s'][step]:.2f} |" +
+                     (f" {gpu['steps_s'][step]:.3f} |" if gpu else ""))
+    lines.append(f"| peak RAM (MB, process) | {cpu['peak_ram_mb']:.0f} |" +
+                 (f" {gpu['peak_ram_mb']:.0f} |" if gpu else ""))
+    lines += ["", f"{cpu['slices']} lung slices; CPU network {cpu['slices_per_s_network']} "
+              "slices/s."]
+    if gpu:
+        t = gpu["throughput"]
+        lines += [f"GPU: network forward alone {gpu['forward_s']:.3f} s; end-to-end / forward "
+                  f"{gpu['end_to_end_over_forward']}, network step / forward "
+                  f"{gpu['network_step_over_forward']} (target <= 1.5); peak GPU memory in "
+                  f"detection {gpu['peak_gpu_mb']:.0f} MB.",
+                  f"Width {t['width']} at {t['size']} x {t['size']}, bf16, batch {t['batch']}: "
+                  f"inference {t['inference_slices_per_s']} slices/s (peak "
+                  f"{t['inference_peak_gpu_mb']:.0f} MB), training "
+                  f"{t['training_slices_per_s']} slices/s (peak "
+                  f"{t['training_peak_gpu_mb']:.0f} MB)."]
+    else:
+        lines.append("GPU part skipped: PyTorch sees no CUDA GPU on this machine.")
+    return "\n".join(lines) + "\n"

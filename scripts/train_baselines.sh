@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Trains the baselines of `emphysema-uad evaluate` on the default model's healthy data, with
+# its settings (scripts/training_settings.sh) and slice cache: the reconstruction-only
+# autoencoder and the published network's variants without SCRB, without the gate, and with
+# detached fusion. Run scripts/train_default_model.sh first (it makes the phantoms).
+# Usage: scripts/train_baselines.sh [WORK_DIR] [NAME ...]   (default: output/default-model,
+# all four). Each lands in WORK_DIR/baselines/NAME/best.pt; rerunning continues interrupted
+# runs. The script ends by printing the evaluate command that uses them.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$("$root/scripts/setup-env.sh")"
+cli="$venv/bin/emphysema-uad"
+work="${1:-$root/output/default-model}"
+shift || true
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(autoencoder no-scrb no-gate detached-fusion)
+declare -A flag=([autoencoder]=--reconstruction-only [no-scrb]=--no-scrb [no-gate]=--no-gate
+                 [detached-fusion]=--detach-fusion)
+
+if [ ! -d "$work/phantoms" ]; then
+    echo "error: $work/phantoms not found; run scripts/train_default_model.sh first" >&2
+    exit 2
+fi
+source "$root/scripts/training_settings.sh"
+models=()
+for name in "${names[@]}"; do
+    [ -n "${flag[$name]:-}" ] || { echo "error: unknown baseline $name" >&2; exit 2; }
+    out="$work/baselines/$name"
+    resume=()
+    [ -f "$out/last.pt" ] && resume=(--resume)
+    "$cli" train "${data[@]}" --output "$out" --cache-dir "$work/run/cache" "${settings[@]}" \
+        "${flag[$name]}" "${resume[@]}"
+    models+=(--baseline-model "$name=$out/best.pt")
+done
+echo "evaluate with: $cli evaluate -o output/evaluation ${models[*]}"
