@@ -15,3 +15,13 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(
     not (SHARED_DATA / "chest-ct-dicom").is_dir(),
     reason=f"real CT data not found at {SHARED_DATA} (the ../shared folder beside the checkout)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny networks: they gain nothing from threads, and on a busy machine
+    the threads only wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ TINY_CASES = ["--cases", "small", "--matrix", "48", "--z-extent", "24", "--boots
               "--device", "cpu", "--progress", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A width-4 network gains nothing from threads, and on a busy machine they only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_checkpoint(path, score="anomaly", threshold=0.5, **variant):

@@ -30,13 +30,7 @@ TINY = ["--width", "4", "--size", "64", "--patch-size", "32", "--batch-size", "4
         "--steps-per-epoch", "2", "--device", "cpu", "--workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A width-4 network gains nothing from threads, and on a busy machine they only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
