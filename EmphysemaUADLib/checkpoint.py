@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_text_atomic
 from .errors import InputError
 from .intensity import HU_WINDOW
 from .network import EDLNet, build_model
@@ -42,19 +41,6 @@ class Checkpoint:
     config: dict
     state_dict: dict
     training_state: dict | None
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain(value, where: str):
@@ -162,10 +148,9 @@ def save_checkpoint(path, model_state: dict, config: dict,
                "state_dict": state, "state_sha256": _digest(state)}
     if training_state is not None:
         payload["training_state"] = _plain(training_state, "training_state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda f: torch.save(payload, f))
-    _write_atomic(path.with_name(path.stem + ".json"),
-                  lambda f: f.write((config_json + "\n").encode()))
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
+    write_text_atomic(path.with_name(path.stem + ".json"), config_json + "\n")
     return path
 
 

@@ -140,7 +140,7 @@ def _add_calibrate(sub) -> None:
 def _run_calibrate(args) -> int:
     import json
 
-    from .report import write_text_atomic
+    from .atomic import write_text_atomic
     from .staging import calibrate, cohort_indices
 
     indices = cohort_indices(args.cases)
@@ -313,7 +313,7 @@ def _run_benchmark(args) -> int:
 
     from .benchmark import markdown, run_benchmark
     from .progress import Progress
-    from .report import write_text_atomic
+    from .atomic import write_text_atomic
 
     results = run_benchmark(args.model, args.ct, args.batch_size, Progress("bar"))
     text = markdown(results)

@@ -448,7 +448,7 @@ def _charts(results: dict) -> dict[str, np.ndarray]:
 def write_results(results: dict, output_dir, command: str | None = None) -> list[Path]:
     """results.md, results.json and the PNG charts, each written whole then renamed."""
     from .render import save_png
-    from .report import write_text_atomic
+    from .atomic import write_text_atomic
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

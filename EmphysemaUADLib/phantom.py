@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import acquisition
+from .atomic import write_text_atomic
 from .errors import InputError
 from .lesions import eligible_voxels, synthesize_lesions
 from .measurements import region_masks
@@ -623,9 +622,4 @@ def write_phantom(phantom: Phantom, output, truth_dir=None, png=None) -> list[Pa
 
 
 def _write_json(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(temp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2))

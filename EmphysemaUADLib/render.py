@@ -7,14 +7,13 @@ SimpleITK only (no plotting library), atomically.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .atomic import atomic_path
 from .errors import InputError
 from .volume_io import Volume
 
@@ -202,17 +201,9 @@ def save_png(image: np.ndarray, path, text_lines=None) -> Path:
     if text_lines:
         block = text_block(list(text_lines), image.shape[1])
         image = np.concatenate([image, block], axis=0)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(sitk.GetImageFromArray(image, isVector=True), temp)
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return target
+    with atomic_path(path) as temp:
+        sitk.WriteImage(sitk.GetImageFromArray(image, isVector=True), str(temp))
+    return Path(path)
 
 
 def render_preview(ct: Volume, path, labels=None, label_colors=None, axial_index=None,

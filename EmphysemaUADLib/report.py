@@ -6,29 +6,17 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import staging_dir, write_text_atomic
 from .detection import CaseResult, Detector, report_dict
 from .regions import LOBE_CODES, LOBES
 from .volume_io import write_volume
 
 SUMMARY_COLUMNS = ("case", "anomaly_score", "emphysema_index_percent", "laa950_percent",
                    "perc15_hu", "volume_ml", "stage")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
@@ -74,7 +62,7 @@ def write_case(result: CaseResult, detector: Detector, case: str, output_dir: Pa
     file is complete."""
     final = Path(output_dir) / case
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=final.parent))
+    staging = staging_dir(final.parent, f".tmp-{case}-")
     try:
         g = result.ct.geometry
         write_volume(result.anomaly.astype(np.float32), g, staging / "anomaly_map.nii.gz")

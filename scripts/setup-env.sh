@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment .venv beside this script's project and installs
-# EmphysemaUAD into it. Needs only python3 (3.10-3.12) with venv and pip.
+# EmphysemaUAD into it; prints the environment's folder. Needs only python3 (3.10-3.12) with
+# venv and pip. pip's output goes to .venv/setup.log and is shown only when a step fails.
 # torch: a CPU build (torch==2.13.0) is installed only where the environment has no torch;
 # to use a GPU, install a CUDA build of torch into .venv first (see README, "GPU").
 set -euo pipefail
@@ -13,11 +14,22 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
-"$py" -m pip install --quiet --upgrade pip >&2
+log="$venv/setup.log"
+: > "$log"
+
+pip_install() {  # pip install "$@", quietly; its log on failure
+    if ! "$py" -m pip install --quiet "$@" >>"$log" 2>&1; then
+        echo "error: 'pip install $*' failed; its output:" >&2
+        tail -n 40 "$log" >&2
+        exit 1
+    fi
+}
+
+pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
     echo "Installing PyTorch (CPU build ${TORCH_SPEC:-torch==2.13.0})" >&2
-    "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}" >&2
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "Installing EmphysemaUAD and its test tools" >&2
-"$py" -m pip install --quiet -e "$root[test]" >&2
+pip_install -e "$root[test]"
 echo "$venv"
