@@ -2,10 +2,12 @@
 
 No labels are used anywhere. Two ways to stage:
 
-- Default cut-points: None below 1 % (healthy lungs show up to about 1 % from noise and
-  partial volume; Fleischner's "trace" is < 0.5 %), Mild 1-5 % (Fleischner mild: 0.5-5 %),
-  Moderate 5-25 % (Fleischner moderate: > 5 %), Severe from 25 % (confluent or advanced
-  destructive disease; the usual quantitative-CT cut for severe emphysema, %LAA-950 >= 25 %).
+- Default cut-points after Fleischner's grades: None below 0.5 % (absent or trace), Mild
+  0.5-5 %, Moderate 5-25 % (Fleischner moderate: > 5 %), Severe from 25 % (Fleischner's
+  confluent and advanced destructive grades have no percentage; 25 % is the usual
+  quantitative-CT cut for severe emphysema, %LAA-950 >= 25 %). The network's index of
+  healthy lungs stays far below 0.5 % (real CT and healthy phantoms: <= 0.03 %), whereas
+  the noise of a -950 HU threshold alone would not.
   Probabilities express how close an index is to a cut-point (a +-15 % relative uncertainty
   of the index), not a calibrated risk.
 - A cohort calibration (`calibrate`): a 4-component 1-D Gaussian mixture fitted on the
@@ -23,7 +25,7 @@ import numpy as np
 from .errors import InputError
 
 STAGES = ("None", "Mild", "Moderate", "Severe")
-DEFAULT_CUTPOINTS = (1.0, 5.0, 25.0)
+DEFAULT_CUTPOINTS = (0.5, 5.0, 25.0)
 RELATIVE_UNCERTAINTY = 0.15
 STAGING_FORMAT = "emphysema-uad-staging"
 

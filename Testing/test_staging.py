@@ -11,7 +11,7 @@ from EmphysemaUADLib.errors import InputError
 from EmphysemaUADLib.staging import STAGES, Staging, calibrate, cohort_indices, stage_of
 
 
-@pytest.mark.parametrize("index,stage", [(0.0, "None"), (0.99, "None"), (1.0, "Mild"),
+@pytest.mark.parametrize("index,stage", [(0.0, "None"), (0.49, "None"), (0.5, "Mild"),
                                          (4.99, "Mild"), (5.0, "Moderate"), (24.9, "Moderate"),
                                          (25.0, "Severe"), (80.0, "Severe")])
 def test_default_cutpoints(index, stage):
