@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,8 +48,14 @@ def machine_info() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def peak_ram_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
+def peak_ram_mb() -> float | None:
+    """The process's high-water mark of resident memory; None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
+    return round(peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0), 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -194,8 +200,9 @@ def markdown(results: dict) -> str:
     for step in cpu["steps_s"]:
         lines.append(f"| {step} | {cpu['steps_s'][step]:.2f} |" +
                      (f" {gpu['steps_s'][step]:.3f} |" if gpu else ""))
-    lines.append(f"| peak RAM (MB, process) | {cpu['peak_ram_mb']:.0f} |" +
-                 (f" {gpu['peak_ram_mb']:.0f} |" if gpu else ""))
+    ram = ["n/a" if r["peak_ram_mb"] is None else f"{r['peak_ram_mb']:.0f}"
+           for r in (cpu, gpu) if r]
+    lines.append("| peak RAM (MB, process) | " + " | ".join(ram) + " |")
     lines += ["", f"{cpu['slices']} lung slices; CPU network {cpu['slices_per_s_network']} "
               "slices/s."]
     if gpu:
