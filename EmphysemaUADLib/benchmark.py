@@ -121,19 +121,33 @@ def forward_time(ct, lungs, detector: Detector) -> float:
     return time.perf_counter() - start
 
 
-def network_throughput(device: torch.device) -> dict:
-    """Slices/s of a fresh width-64 EDLNet at 384 x 384, bf16: inference and training."""
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    """Peak device memory since the last reset; None off CUDA (RAM is read separately)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+
+
+def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
+                       size: int = THROUGHPUT["size"], batch: int = THROUGHPUT["batch"]) -> dict:
+    """Slices/s of a fresh EDLNet (bf16 on CUDA): inference and training steps."""
     from .network import EDLNet
     from .training import train_step
 
-    w, size, batch = THROUGHPUT["width"], THROUGHPUT["size"], THROUGHPUT["batch"]
-    model = EDLNet(width=w).to(device).to(memory_format=torch.channels_last)
-    x = torch.rand(batch, 1, size, size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    out = {}
-    torch.cuda.reset_peak_memory_stats(device)
+    cuda = device.type == "cuda"
+    model = EDLNet(width=width).to(device)
+    x = torch.rand(batch, 1, size, size, device=device)
+    if cuda:
+        model, x = (t.to(memory_format=torch.channels_last) for t in (model, x))
+    out = {"width": width, "size": size, "batch": batch}
+    _reset_peak(device)
     model.eval()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         for step in range(WARMUP_STEPS + TIMED_STEPS):
             if step == WARMUP_STEPS:
                 _sync(device)
@@ -141,8 +155,8 @@ def network_throughput(device: torch.device) -> dict:
             model(x)
     _sync(device)
     out["inference_slices_per_s"] = round(batch * TIMED_STEPS / (time.perf_counter() - start), 1)
-    out["inference_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    torch.cuda.reset_peak_memory_stats(device)
+    out["inference_peak_gpu_mb"] = _peak_mb(device)
+    _reset_peak(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = (x, x, (x > 0.5).float())
     for step in range(WARMUP_STEPS + TIMED_STEPS):
@@ -152,9 +166,29 @@ def network_throughput(device: torch.device) -> dict:
         train_step(model, optimizer, data, device, 1e-4)
     _sync(device)
     out["training_slices_per_s"] = round(batch * TIMED_STEPS / (time.perf_counter() - start), 1)
-    out["training_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    out.update(THROUGHPUT)
+    out["training_peak_gpu_mb"] = _peak_mb(device)
     return out
+
+
+def accelerated_run(ct, model, device: str, batch_size: int, throughput: dict = THROUGHPUT,
+                    progress=None) -> dict:
+    """The GPU part: detection after a warm-up run, the forward alone over the same slices and
+    their ratios, then the throughput. Runs on any device, so CI exercises it on the CPU."""
+    detector = Detector.load(model, device, batch_size=batch_size)
+    if progress:
+        progress.log(f"{device} detection (after a warm-up run), forward alone, throughput")
+    time_detection(ct, detector)  # warm-up: CUDA context, kernels, allocator
+    device = detector.device
+    _reset_peak(device)
+    run = time_detection(ct, detector)
+    peak = _peak_mb(device)
+    forward = forward_time(ct, run["lungs"], detector)
+    steps = run["steps_s"]
+    return {"steps_s": steps, "slices": run["slices"], "forward_s": round(forward, 4),
+            "end_to_end_over_forward": round(steps["total"] / forward, 2),
+            "network_step_over_forward": round(steps["network"] / forward, 2),
+            "peak_gpu_mb": peak, "throughput": network_throughput(device, **throughput),
+            "peak_ram_mb": peak_ram_mb()}
 
 
 def run_benchmark(model=None, ct_path=None, batch_size: int = 8, progress=None) -> dict:
@@ -169,23 +203,12 @@ def run_benchmark(model=None, ct_path=None, batch_size: int = 8, progress=None) 
                       "slices_per_s_network": round(run["slices"] / run["steps_s"]["network"], 2),
                       "peak_ram_mb": peak_ram_mb()}
     if torch.cuda.is_available():
-        gpu = Detector.load(model, "cuda", batch_size=batch_size)
-        if progress:
-            progress.log("GPU detection (after a warm-up run), forward alone, throughput")
-        time_detection(ct, gpu)  # warm-up: CUDA context, kernels, allocator
-        device = gpu.device
-        torch.cuda.reset_peak_memory_stats(device)
-        run = time_detection(ct, gpu)
-        peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-        forward = forward_time(ct, run["lungs"], gpu)
-        steps = run["steps_s"]
-        results["gpu"] = {
-            "steps_s": steps, "slices": run["slices"], "forward_s": round(forward, 4),
-            "end_to_end_over_forward": round(steps["total"] / forward, 2),
-            "network_step_over_forward": round(steps["network"] / forward, 2),
-            "peak_gpu_mb": peak, "throughput": network_throughput(device),
-            "peak_ram_mb": peak_ram_mb()}
+        results["gpu"] = accelerated_run(ct, model, "cuda", batch_size, progress=progress)
     return results
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def markdown(results: dict) -> str:
@@ -200,8 +223,7 @@ def markdown(results: dict) -> str:
     for step in cpu["steps_s"]:
         lines.append(f"| {step} | {cpu['steps_s'][step]:.2f} |" +
                      (f" {gpu['steps_s'][step]:.3f} |" if gpu else ""))
-    ram = ["n/a" if r["peak_ram_mb"] is None else f"{r['peak_ram_mb']:.0f}"
-           for r in (cpu, gpu) if r]
+    ram = [_mb(r["peak_ram_mb"]) for r in (cpu, gpu) if r]
     lines.append("| peak RAM (MB, process) | " + " | ".join(ram) + " |")
     lines += ["", f"{cpu['slices']} lung slices; CPU network {cpu['slices_per_s_network']} "
               "slices/s."]
@@ -210,12 +232,12 @@ def markdown(results: dict) -> str:
         lines += [f"GPU: network forward alone {gpu['forward_s']:.3f} s; end-to-end / forward "
                   f"{gpu['end_to_end_over_forward']}, network step / forward "
                   f"{gpu['network_step_over_forward']} (target <= 1.5); peak GPU memory in "
-                  f"detection {gpu['peak_gpu_mb']:.0f} MB.",
+                  f"detection {_mb(gpu['peak_gpu_mb'])} MB.",
                   f"Width {t['width']} at {t['size']} x {t['size']}, bf16, batch {t['batch']}: "
                   f"inference {t['inference_slices_per_s']} slices/s (peak "
-                  f"{t['inference_peak_gpu_mb']:.0f} MB), training "
+                  f"{_mb(t['inference_peak_gpu_mb'])} MB), training "
                   f"{t['training_slices_per_s']} slices/s (peak "
-                  f"{t['training_peak_gpu_mb']:.0f} MB)."]
+                  f"{_mb(t['training_peak_gpu_mb'])} MB)."]
     else:
         lines.append("GPU part skipped: PyTorch sees no CUDA GPU on this machine.")
     return "\n".join(lines) + "\n"
