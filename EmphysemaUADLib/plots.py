@@ -10,7 +10,7 @@ import numpy as np
 from .render import GLYPH_H, GLYPH_W, TEXT_MARGIN, text_block
 
 COLORS = ((255, 90, 80), (90, 170, 255), (120, 220, 100), (255, 200, 40), (220, 110, 255),
-          (0, 220, 220), (255, 150, 60), (200, 200, 200), (160, 120, 80))
+          (0, 220, 220), (255, 120, 190), (200, 200, 200), (160, 120, 80))
 GRID, AXIS = (55, 55, 55), (170, 170, 170)
 LEFT, RIGHT, TOP, BOTTOM = 52, 16, 24, 40  # margins around the plot area, pixels
 

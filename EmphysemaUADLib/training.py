@@ -366,6 +366,23 @@ class _Processes:
             torch.distributed.destroy_process_group()
 
 
+def threshold_warning(history: list[dict], min_dice: float = 0.05) -> str | None:
+    """A warning when the best epoch (the first with the highest validation AUROC, as the
+    best checkpoint is chosen) ranks lesion voxels but flags almost none at its threshold:
+    a run can settle with every lesion probability on one value under 0.5, and detect would
+    then find nothing while the AUROC looks fine."""
+    scored = [r for r in history if r.get("auroc") is not None and r.get("dice") is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: r["auroc"])
+    if best["dice"] >= min_dice:
+        return None
+    return (f"the best model ranks lesion voxels (validation AUROC {best['auroc']:.3f}) but "
+            f"flags almost none at its threshold {best['threshold']:g} (validation Dice "
+            f"{best['dice']:.3f}), so detect would report no emphysema; retrain with another "
+            f"--seed.")
+
+
 # --- the run ------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -568,6 +585,9 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
         if stopping:
             stop.request(stop.signum or signal.SIGTERM)
             return interrupted()
+    warning = threshold_warning(history) if procs.main else None
+    if warning:
+        progress.log(warning, level="warning")
     progress.event("done", best_auroc=best_auroc, steps=step,
                    paths={"best": str(best_path), "last": str(last_path)})
     return TrainResult(best_path, last_path, best_auroc, step, None, history)

@@ -22,7 +22,8 @@ from EmphysemaUADLib.network import EDLNet
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.training import (AugmentedSlices, EpochBatches, StopFlag, TrainOptions,
-                                      augment, compute_loss, lr_factor, train, train_step)
+                                      augment, compute_loss, lr_factor, threshold_warning,
+                                      train, train_step)
 from EmphysemaUADLib.training_data import SliceCache, build_slice_cache, find_cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +115,18 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
     assert f[-1] < 0.01 and lr_factor(0, 5, 0) == pytest.approx(1.0)
+
+
+def test_threshold_warning_only_for_a_best_epoch_that_flags_nothing():
+    def epoch(auroc, dice):
+        return {"auroc": auroc, "dice": dice, "threshold": 0.5}
+
+    # the best checkpoint is the first epoch with the highest AUROC: here Dice 0 -> warn
+    collapsed = [epoch(0.9, 0.6), epoch(0.997, 0.0), epoch(0.997, 0.8)]
+    message = threshold_warning(collapsed)
+    assert "AUROC 0.997" in message and "Dice 0.000" in message and "--seed" in message
+    assert threshold_warning([epoch(0.9, 0.0), epoch(0.99, 0.5)]) is None
+    assert threshold_warning([epoch(None, None)]) is None and threshold_warning([]) is None
 
 
 def test_one_step_reduces_the_loss_on_a_fixed_batch(cache_dir):

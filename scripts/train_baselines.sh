@@ -2,7 +2,7 @@
 # Trains the baselines of `emphysema-uad evaluate` on the default model's healthy data, with
 # its settings (scripts/training_settings.sh) and slice cache: the reconstruction-only
 # autoencoder and the published network's variants without SCRB, without the gate, and with
-# detached fusion. Run scripts/train_default_model.sh first (it makes the phantoms).
+# detached fusion.
 # Usage: scripts/train_baselines.sh [WORK_DIR] [NAME ...]   (default: output/default-model,
 # all four). Each lands in WORK_DIR/baselines/NAME/best.pt; rerunning continues interrupted
 # runs. The script ends by printing the evaluate command that uses them.
@@ -17,14 +17,12 @@ names=("$@")
 declare -A flag=([autoencoder]=--reconstruction-only [no-scrb]=--no-scrb [no-gate]=--no-gate
                  [detached-fusion]=--detach-fusion)
 
-if [ ! -d "$work/phantoms" ]; then
-    echo "error: $work/phantoms not found; run scripts/train_default_model.sh first" >&2
-    exit 2
-fi
+for name in "${names[@]}"; do
+    [ -n "${flag[$name]:-}" ] || { echo "error: unknown baseline $name" >&2; exit 2; }
+done
 source "$root/scripts/training_settings.sh"
 models=()
 for name in "${names[@]}"; do
-    [ -n "${flag[$name]:-}" ] || { echo "error: unknown baseline $name" >&2; exit 2; }
     out="$work/baselines/$name"
     resume=()
     [ -f "$out/last.pt" ] && resume=(--resume)

@@ -13,23 +13,7 @@ venv="$("$root/scripts/setup-env.sh")"
 cli="$venv/bin/emphysema-uad"
 work="${1:-$root/output/default-model}"
 
-mkdir -p "$work/phantoms"
-seed=100
-for geometry in "112 224 224:2.5 1.6 1.6" "120 400 400:2.0 0.9 0.9"; do
-    shape="${geometry%%:*}"
-    spacing="${geometry##*:}"
-    for noise in 10 20 35 50; do
-        for kernel in smooth sharp; do
-            seed=$((seed + 1))
-            ct="$work/phantoms/healthy_${seed}_${kernel}_${noise}hu.nii.gz"
-            [ -f "$ct" ] || "$cli" phantom --seed "$seed" --emphysema none --kernel "$kernel" \
-                --noise "$noise" --shape $shape --spacing $spacing --output "$ct" \
-                --png "$work/phantoms/healthy_${seed}.png" >/dev/null
-        done
-    done
-done
-
-source "$root/scripts/training_settings.sh"  # data and settings, shared with the baselines
+source "$root/scripts/training_settings.sh"  # phantoms, data and settings, shared with the baselines
 resume=()
 [ -f "$work/run/last.pt" ] && resume=(--resume)
 "$cli" train "${data[@]}" --output "$work/run" "${settings[@]}" "${resume[@]}"
