@@ -366,16 +366,20 @@ class _Processes:
             torch.distributed.destroy_process_group()
 
 
+def selection_score(auroc: float | None) -> float:
+    """What picks best.pt: the first epoch with the highest score."""
+    return -1.0 if auroc is None else auroc
+
+
 def threshold_warning(history: list[dict], min_dice: float = 0.05) -> str | None:
-    """A warning when the best epoch (the first with the highest validation AUROC, as the
-    best checkpoint is chosen) ranks lesion voxels but flags almost none at its threshold:
-    a run can settle with every lesion probability on one value under 0.5, and detect would
-    then find nothing while the AUROC looks fine."""
-    scored = [r for r in history if r.get("auroc") is not None and r.get("dice") is not None]
-    if not scored:
+    """A warning when the epoch saved as best.pt ranks lesion voxels but flags almost none at
+    its threshold: a run can settle with every lesion probability on one value under 0.5,
+    and detect would then find nothing while the AUROC looks fine."""
+    validated = [r for r in history if "auroc" in r]
+    if not validated:
         return None
-    best = max(scored, key=lambda r: r["auroc"])
-    if best["dice"] >= min_dice:
+    best = max(validated, key=lambda r: selection_score(r["auroc"]))  # first of equals
+    if best["auroc"] is None or best["dice"] is None or best["dice"] >= min_dice:
         return None
     return (f"the best model ranks lesion voxels (validation AUROC {best['auroc']:.3f}) but "
             f"flags almost none at its threshold {best['threshold']:g} (validation Dice "
@@ -571,7 +575,7 @@ def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
             record.update(auroc=auroc, dice=dice, threshold=threshold)
             progress.event("validation", epoch=epochs_done, auroc=auroc, dice=dice,
                            threshold=threshold)
-            score = -1.0 if auroc is None else auroc
+            score = selection_score(auroc)
             if best_score is None or score > best_score:
                 best_score, best_auroc = score, auroc
                 save_checkpoint(best_path, _cpu(model.state_dict()),
