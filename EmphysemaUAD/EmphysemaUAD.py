@@ -41,8 +41,10 @@ _LIBRARY_PARENT = _libraryParent()
 if _LIBRARY_PARENT is not None and str(_LIBRARY_PARENT) not in sys.path:
     sys.path.insert(0, str(_LIBRARY_PARENT))
 
+from EmphysemaUADLib.devices import DEVICE_CHOICES  # noqa: E402 (needs the path above)
+
 MODEL_SOURCES = ["Bundled model", "Checkpoint file"]
-DEVICES = ["auto", "cuda", "cpu"]
+DEVICES = list(DEVICE_CHOICES)
 POLL_INTERVAL_MS = 250
 DETECT_CANCEL_GRACE_S = 5  # detection has nothing to save: stop it quickly
 # what the library needs beyond Slicer's own Python (torch comes from the PyTorch extension)
@@ -211,13 +213,13 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         """Detection in this process; returns the output nodes (mrml.OutputNodes)."""
         from EmphysemaUADLib import mrml
         from EmphysemaUADLib.detection import Detector, detect_case
+        from EmphysemaUADLib.progress import NO_PROGRESS
 
         ct = mrml.volume_from_node(ctNode)
         detector = Detector.load(modelPath, device, threshold)
         with tempfile.TemporaryDirectory(prefix="EmphysemaUAD-") as tmp:
             lobes = mrml.write_lobes(lobesNode, ctNode, tmp) if lobesNode else None
-            result = detect_case(ct, detector, lobes=lobes, progress=progress,
-                                 log=progress.log if progress else None)
+            result = detect_case(ct, detector, lobes=lobes, progress=progress or NO_PROGRESS)
         return mrml.result_to_nodes(result, ctNode, *outputs)
 
     def startBackgroundDetection(self, ctNode, lobesNode=None, modelPath=None, threshold=None,

@@ -8,6 +8,7 @@ that models and results stay readable by the other users of a shared machine.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,8 +50,28 @@ def write_text_atomic(path, text: str) -> Path:
     return Path(path)
 
 
-def staging_dir(parent, prefix: str) -> Path:
-    """A new folder in `parent` to fill and then rename into place."""
+@contextmanager
+def scratch_folder(parent, prefix: str = ".tmp-") -> Iterator[Path]:
+    """A new folder in `parent` (ordinary permissions) to write into and then move into place
+    (`replace_folder`, `move_into_place`); removed afterwards with whatever is left in it."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(folder, 0o777 & ~UMASK)
-    return folder
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def move_into_place(source, target) -> Path:
+    """Rename a complete file onto its final name (one atomic step on one file system)."""
+    os.replace(source, target)
+    return Path(target)
+
+
+def replace_folder(folder, final) -> Path:
+    """Put a complete folder in the place of `final`, removing an earlier one first."""
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    return final

@@ -13,8 +13,6 @@ Peak RAM is the process's high-water mark (ru_maxrss), read after each part.
 """
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,28 +22,15 @@ import numpy as np
 import torch
 
 from .detection import Detector, detect_case
+from .devices import machine_info
 from .inference import lung_box, pad_to_multiple
 from .intensity import hu_to_unit
+from .progress import NO_PROGRESS, Progress
 from .volume_io import read_ct
 
 DEFAULT_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct-dicom"
 THROUGHPUT = {"width": 64, "size": 384, "batch": 32}
 WARMUP_STEPS, TIMED_STEPS = 3, 10
-
-
-def machine_info() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")  # Linux names the model; platform gives only x86_64
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"summary": f"{cpu}, {cpus} CPU cores usable" + (f", GPU {gpu}" if gpu else
-                                                             ", no GPU"),
-            "cpu": cpu, "cpus_usable": cpus, "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def peak_ram_mb() -> float | None:
@@ -63,7 +48,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_input(ct_path=None, progress=None):
+def load_input(ct_path=None, progress: Progress = NO_PROGRESS):
     """(Volume, seconds to read it, description): --ct, the shared real CT, or a phantom."""
     path = Path(ct_path) if ct_path else DEFAULT_CT
     if ct_path or path.exists():
@@ -72,8 +57,7 @@ def load_input(ct_path=None, progress=None):
         return ct, round(time.perf_counter() - start, 3), f"{path} {ct.shape}"
     from .phantom import make_phantom
 
-    if progress:
-        progress.log(f"{path} not found; timing a phantom instead")
+    progress.log(f"{path} not found; timing a phantom instead")
     ct = make_phantom(0).ct
     return ct, 0.0, f"phantom seed 0 {ct.shape} (the real CT {path} was not found)"
 
@@ -171,12 +155,11 @@ def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
 
 
 def accelerated_run(ct, model, device: str, batch_size: int, throughput: dict = THROUGHPUT,
-                    progress=None) -> dict:
+                    progress: Progress = NO_PROGRESS) -> dict:
     """The GPU part: detection after a warm-up run, the forward alone over the same slices and
     their ratios, then the throughput. Runs on any device, so CI exercises it on the CPU."""
     detector = Detector.load(model, device, batch_size=batch_size)
-    if progress:
-        progress.log(f"{device} detection (after a warm-up run), forward alone, throughput")
+    progress.log(f"{device} detection (after a warm-up run), forward alone, throughput")
     time_detection(ct, detector)  # warm-up: CUDA context, kernels, allocator
     device = detector.device
     _reset_peak(device)
@@ -191,13 +174,13 @@ def accelerated_run(ct, model, device: str, batch_size: int, throughput: dict = 
             "peak_ram_mb": peak_ram_mb()}
 
 
-def run_benchmark(model=None, ct_path=None, batch_size: int = 8, progress=None) -> dict:
+def run_benchmark(model=None, ct_path=None, batch_size: int = 8,
+                  progress: Progress = NO_PROGRESS) -> dict:
     ct, read_s, source = load_input(ct_path, progress)
     results = {"input": source, "machine": machine_info(), "read_s": read_s}
     cpu = Detector.load(model, "cpu", batch_size=batch_size)
     results["model"] = {"path": cpu.model_path, "config": cpu.config["model"]}
-    if progress:
-        progress.log(f"CPU detection of {source}")
+    progress.log(f"CPU detection of {source}")
     run = time_detection(ct, cpu)
     results["cpu"] = {"steps_s": run["steps_s"], "slices": run["slices"],
                       "slices_per_s_network": round(run["slices"] / run["steps_s"]["network"], 2),

@@ -6,7 +6,21 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .devices import DEVICE_CHOICES
+from .errors import InputError, message_for
+from .variants import VARIANTS
+
+# library settings whose flag is not --setting-with-dashes
+FLAGS = {"max_val_slices": "--val-slices"}
+
+
+def flag_of(setting: str) -> str:
+    """The command line's flag for a library setting (errors name settings, not flags)."""
+    return FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _message(exc: InputError) -> str:
+    return message_for(exc, flag_of)
 
 
 def _err(message: str) -> None:
@@ -31,9 +45,10 @@ def _add_lungs(sub) -> None:
 
 def _run_lungs(args) -> int:
     from .lungs import segment_lungs
+    from .progress import Progress
     from .volume_io import read_ct, write_volume
 
-    ct = read_ct(args.input, log=_info)
+    ct = read_ct(args.input, Progress("bar"))
     lungs = segment_lungs(ct)
     write_volume(lungs, ct.geometry, args.output)
     if args.png:
@@ -52,7 +67,7 @@ def _run_lungs(args) -> int:
 
 # --- phantom -----------------------------------------------------------------------------
 def _add_phantom(sub) -> None:
-    from .phantom import KERNELS, MORPHOLOGIES, SEVERITIES
+    from .phantom import KERNELS, PHANTOM_MORPHOLOGIES, SEVERITIES
 
     p = sub.add_parser("phantom", help="write a synthetic chest CT with known truth",
                        description="Synthesise a chest CT (deterministic from --seed) with "
@@ -65,7 +80,7 @@ def _add_phantom(sub) -> None:
     p.add_argument("--noise", type=float, help="noise SD in HU in soft tissue")
     p.add_argument("--kernel", choices=KERNELS, default="smooth")
     p.add_argument("--emphysema", choices=SEVERITIES, default="none")
-    p.add_argument("--morphology", choices=MORPHOLOGIES, default="mixed")
+    p.add_argument("--morphology", choices=PHANTOM_MORPHOLOGIES, default="mixed")
     p.add_argument("--truth-dir", help="folder for the truth: lesion mask, lung mask, zones, "
                                        "truth.json")
     p.add_argument("--png", help="axial and coronal preview PNG (default: beside the CT)")
@@ -100,7 +115,7 @@ def _add_detect(sub) -> None:
     p.add_argument("--threshold", type=float,
                    help="anomaly probability above which a voxel is emphysema "
                         "(default: the model's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     p.set_defaults(run=_run_detect)
@@ -119,7 +134,7 @@ def _run_detect(args) -> int:
     except InputError as exc:
         if args.progress != "json":
             raise
-        progress.event("error", str(exc))
+        progress.event("error", str(exc))  # for a GUI: the setting, not the flag
         return 2
     return 1 if failed else 0
 
@@ -186,7 +201,7 @@ def _add_train(sub) -> None:
                    help="anomaly term: MSE of the probability (published) or BCE with logits")
     p.add_argument("--lr", type=float, default=1e-4,
                    help="peak learning rate of AdamW (1e-4 published; short runs need more)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in MODEL_DIR from last.pt")
     p.add_argument("--seed", type=int, default=0)
@@ -195,16 +210,10 @@ def _add_train(sub) -> None:
     p.add_argument("--workers", type=int,
                    help="data loading processes (default: 0 on CPU, up to 12 on a GPU)")
     baselines = p.add_argument_group("baselines for `evaluate` (train them on the same data)")
-    baselines.add_argument("--no-scrb", dest="scrb", action="store_false",
-                           help="plain double-conv bottleneck instead of the SCRB")
-    baselines.add_argument("--no-gate", dest="gate", action="store_false",
-                           help="plain U-Net skip concatenation instead of the gated fusion")
-    baselines.add_argument("--detach-fusion", action="store_true",
-                           help="detach the decoder features at the fusion, as the published "
-                                "code does (leaves most weights untrained)")
-    baselines.add_argument("--reconstruction-only", action="store_true",
-                           help="no anomaly term: an autoencoder that detects by the residual "
-                                "|input - reconstruction|")
+    for variant in VARIANTS.values():
+        baselines.add_argument(variant.flag, dest=variant.option,
+                               action="store_true" if variant.value else "store_false",
+                               help=f"{variant.help} (baseline {variant.name})")
     p.set_defaults(run=_run_train)
 
 
@@ -221,8 +230,7 @@ def _run_train(args) -> int:
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
         max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
         device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers,
-        scrb=args.scrb, gate=args.gate, detach_fusion=args.detach_fusion,
-        reconstruction_only=args.reconstruction_only)
+        **{v.option: getattr(args, v.option) for v in VARIANTS.values()})
     try:
         result = train(options, progress)
     except Exception as exc:
@@ -252,8 +260,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--output-dir", "-o", required=True, help="folder for the results")
     p.add_argument("--model", help="checkpoint under test (default: the bundled model)")
     p.add_argument("--baseline-model", action="append", metavar="NAME=PATH",
-                   help="a trained baseline, repeatable; NAME: autoencoder, no-scrb, no-gate "
-                        "or detached-fusion (see `emphysema-uad train --help`)")
+                   help=f"a trained baseline, repeatable; NAME: {', '.join(VARIANTS)} (see "
+                        "`emphysema-uad train --help`)")
     p.add_argument("--cases", choices=("full", "small"), default="full",
                    help="full: 80 cases (60 with emphysema); small: 6 cases, a quick check")
     p.add_argument("--matrix", type=int, default=224,
@@ -263,7 +271,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap samples of the cases for the 95 %% intervals (0: none)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first case")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     p.set_defaults(run=_run_evaluate)
@@ -274,8 +282,8 @@ def _run_evaluate(args) -> int:
     from .progress import Progress
 
     if args.matrix < 16 or args.z_extent <= 0:
-        raise InputError(f"--matrix must be at least 16 and --z-extent positive (got "
-                         f"{args.matrix}, {args.z_extent}).")
+        raise InputError(f"matrix must be at least 16 and z extent positive (got "
+                         f"{args.matrix}, {args.z_extent}).", "matrix", "z_extent")
     methods, skipped = build_methods(args.model, args.baseline_model, args.device,
                                      args.batch_size)
     cases = benchmark_cases(args.cases, args.seed)
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except InputError as exc:
-        _err(str(exc))
+        _err(_message(exc))
         return 2
     except KeyboardInterrupt:
         _err("interrupted.")

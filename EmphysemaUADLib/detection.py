@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
 from .checkpoint import load_model
-from .errors import InputError
-from .inference import choose_device, predict_anomaly
+from .devices import choose_device
+from .errors import InputError, setting_error
+from .inference import predict_anomaly
 from .lungs import segment_lungs
-from .measurements import measure, region_masks
+from .measurements import Measurements, RegionMeasurements, measure, region_masks
+from .progress import NO_PROGRESS, Progress
 from .regions import ZONES, lung_zones, read_regions
 from .staging import Staging
 from .volume_io import Volume
@@ -63,9 +63,9 @@ class Detector:
         if threshold is None:
             threshold = float(config.get("threshold", DEFAULT_THRESHOLD))
         if not 0.0 < threshold < 1.0:
-            raise InputError(f"--threshold must lie between 0 and 1 (got {threshold}).")
+            raise setting_error("threshold", f"must lie between 0 and 1 (got {threshold}).")
         if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1 (got {batch_size}).")
+            raise setting_error("batch_size", f"must be at least 1 (got {batch_size}).")
         return cls(model, config, str(path), dev, threshold,
                    Staging.load(staging) if staging else Staging(), batch_size)
 
@@ -84,17 +84,13 @@ class CaseResult:
     region_kind: str  # "lobes", "zones" or "regions"
     anomaly: np.ndarray
     emphysema: np.ndarray
-    measurements: list[dict]
+    measurements: Measurements
     timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def whole_lung(self) -> dict:
-        return self.measurements[0]
 
     @property
     def anomaly_score(self) -> float:
         """Mean anomaly probability over the lungs, in % (a soft emphysema index)."""
-        mean = self.whole_lung["mean_anomaly"]
+        mean = self.measurements.whole.mean_anomaly
         return 0.0 if mean is None else round(100.0 * mean, 4)
 
 
@@ -109,15 +105,15 @@ class _Timer:
         return result
 
 
-def detect_case(ct: Volume, detector: Detector, lobes=None, progress=None, log=None,
-                lungs: np.ndarray | None = None) -> CaseResult:
+def detect_case(ct: Volume, detector: Detector, lobes=None,
+                progress: Progress = NO_PROGRESS, lungs: np.ndarray | None = None) -> CaseResult:
     timer = _Timer()
     if lungs is None:
         lungs = timer("lungs", segment_lungs, ct)
     if not lungs.any():
         raise InputError(f"{ct.source or 'CT'}: no lung found; is this a chest CT?")
     if lobes is not None:
-        regions, legend = timer("regions", read_regions, lobes, ct, lungs, log)
+        regions, legend = timer("regions", read_regions, lobes, ct, lungs, progress)
         kind = "lobes" if all("lobe" in name for name in legend.values()) else "regions"
     else:
         regions = timer("regions", lung_zones, lungs, ct.geometry)
@@ -126,40 +122,17 @@ def detect_case(ct: Volume, detector: Detector, lobes=None, progress=None, log=N
                     detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
-    def measure_all():
+    def measure_all() -> Measurements:
         rows = []
         for name, mask in region_masks(lungs, regions, legend):
-            row = {"region": name, **measure(ct.array, mask, emphysema, anomaly,
-                                             ct.geometry.voxel_ml)}
-            index = row["emphysema_index_percent"]
-            row["stage"] = None if index is None else detector.staging.stage(index)
-            row["stage_probabilities"] = (None if index is None else
-                                          detector.staging.probabilities(index))
+            row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly,
+                                                     ct.geometry.voxel_ml))
+            if not row.empty:
+                row.stage = detector.staging.stage(row.emphysema_index_percent)
+                row.stage_probabilities = detector.staging.probabilities(
+                    row.emphysema_index_percent)
             rows.append(row)
-        return rows
+        return Measurements(rows)
 
     rows = timer("measurements", measure_all)
     return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, timer.timings)
-
-
-def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
-    whole = result.whole_lung
-    return {
-        "case": case,
-        "input": result.ct.source,
-        "software": {"name": "EmphysemaUAD", "version": __version__,
-                     "python": platform.python_version(), "torch": torch.__version__},
-        "model": {"path": detector.model_path, "config": detector.config},
-        "device": str(detector.device),
-        "threshold": detector.threshold,
-        "staging": detector.staging.to_dict(),
-        "geometry": {"size_xyz": list(result.ct.shape[::-1]),
-                     "spacing_mm": list(result.ct.geometry.spacing),
-                     "origin_mm": list(result.ct.geometry.origin),
-                     "direction": list(result.ct.geometry.direction)},
-        "region_kind": result.region_kind,
-        "anomaly_score": result.anomaly_score,
-        "stage": whole["stage"],
-        "regions": result.measurements,
-        "timings_s": result.timings,
-    }

@@ -1,5 +1,6 @@
-"""What a device choice (auto / cuda / cpu) will run on, in one line for a user: the GPU's
-name and free memory, or the CPU, and why.
+"""Devices: the choices (auto / cuda / cpu), the torch device a choice gives
+(`choose_device`), what it will run on in one line for a user (`describe`: the GPU's name and
+free memory, or the CPU, and why), and the machine a result was measured on (`machine_info`).
 
 GPUs are read from `nvidia-smi`, which needs no CUDA context: asking PyTorch for free memory
 (`torch.cuda.mem_get_info`) would create one in the calling process and hold some hundred MB
@@ -8,10 +9,17 @@ worker processes then lack. PyTorch is only asked whether it sees CUDA at all (n
 """
 from __future__ import annotations
 
+import os
+import platform
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, setting_error
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
 
 NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.free,memory.total",
                     "--format=csv,noheader,nounits"]
@@ -94,3 +102,36 @@ def describe(device: str = "auto", gpus: list[Gpu] | None = None,
     if device == "cuda":
         return "No CUDA GPU visible to PyTorch: 'cuda' will fail; choose auto or cpu."
     return "No CUDA GPU visible to PyTorch: runs on the CPU (minutes per CT)."
+
+
+def choose_device(name: str = "auto"):
+    """The torch device of a choice in DEVICE_CHOICES; InputError for cuda without one."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for, but PyTorch sees no CUDA GPU here (is a "
+                         "CUDA build of torch installed?); choose the device cpu or auto.",
+                         "device")
+    if name not in DEVICE_CHOICES:
+        raise setting_error("device", f"{name!r} is unknown; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def machine_info() -> dict:
+    """CPU, usable cores, GPU and library versions: the machine a result was measured on."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the model; platform gives only x86_64
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"summary": f"{cpu}, {cpus} CPU cores usable" + (f", GPU {gpu}" if gpu else
+                                                             ", no GPU"),
+            "cpu": cpu, "cpus_usable": cpus, "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

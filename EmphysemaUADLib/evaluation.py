@@ -40,12 +40,14 @@ from scipy import ndimage
 from scipy.special import expit
 
 from . import acquisition, metrics
-from .benchmark import machine_info
 from .detection import Detector
-from .errors import InputError
+from .devices import machine_info
+from .errors import InputError, setting_error
 from .inference import predict_anomaly
-from .phantom import MORPHOLOGIES, SEVERITIES, make_phantom
+from .phantom import PHANTOM_MORPHOLOGIES, SEVERITIES, make_phantom
+from .progress import NO_PROGRESS, Progress
 from .staging import STAGES, Staging
+from .variants import VARIANTS
 
 FIRST_SEED = 1000
 THICKNESSES_MM = (1.0, 2.5, 5.0)
@@ -63,14 +65,6 @@ FILTER_SIGMA_MM = 1.5  # about the grain of smooth-kernel noise (~2.5 mm blotche
 DENSITY_EDGES = np.arange(-500.0, 1101.0)  # scores -HU in 1 HU bins
 # probabilities (fine near 0 and 1) and residuals (0.0005 = 0.7 HU apart) alike
 NETWORK_EDGES = np.union1d(expit(np.linspace(-12.0, 12.0, 2401)), np.linspace(0.0, 1.0, 2001))
-BASELINES = {  # name: (label, what its checkpoint must be)
-    "autoencoder": ("Autoencoder (reconstruction only)", {"score": "residual"}),
-    "no-scrb": ("EDLNet without SCRB", {"scrb": False}),
-    "no-gate": ("EDLNet without gate", {"gate": False}),
-    "detached-fusion": ("EDLNet, detached fusion", {"detach_fusion": True}),
-}
-TRAIN_FLAGS = {"autoencoder": "--reconstruction-only", "no-scrb": "--no-scrb",
-               "no-gate": "--no-gate", "detached-fusion": "--detach-fusion"}
 METRICS = (("case_auroc", "case AUROC"), ("voxel_auroc", "voxel AUROC"),
            ("voxel_ap", "voxel AP"), ("dice", "Dice default"), ("dice_best", "Dice best"),
            ("aupro", "AUPRO 0.3"), ("stage_accuracy", "stage acc."),
@@ -112,7 +106,7 @@ def benchmark_cases(which: str = "full", first_seed: int = FIRST_SEED) -> list[B
         rows = SMALL_CASES
     elif which == "full":
         conditions = [(severity, morphology) for severity in ("mild", "moderate", "severe")
-                      for morphology in MORPHOLOGIES] + [("none", "-")] * HEALTHY_PER_REPEAT
+                      for morphology in PHANTOM_MORPHOLOGIES] + [("none", "-")] * HEALTHY_PER_REPEAT
         # shifting by the repeat gives each condition every noise level and thickness and
         # both kernels; noise (period 4) and thickness (period 3) meet in all 12 pairs
         rows = [(severity, morphology, NOISE_LEVELS[(c + r) % 4],
@@ -204,24 +198,24 @@ def parse_baselines(specs) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         name = name.strip()
         if not sep or not path:
-            raise InputError(f"--baseline-model takes NAME=PATH, not {spec!r}.")
-        if name not in BASELINES:
-            raise InputError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}.")
+            raise setting_error("baseline_model", f"takes NAME=PATH, not {spec!r}.")
+        if name not in VARIANTS:
+            raise InputError(f"unknown baseline {name!r}; use one of {', '.join(VARIANTS)}.")
         if name in out:
-            raise InputError(f"--baseline-model {name} is given twice.")
+            raise setting_error("baseline_model", f"{name} is given twice.")
         out[name] = path
     return out
 
 
 def _check_baseline(name: str, detector: Detector) -> None:
     """The checkpoint must be the baseline it is passed as (a swapped path is easy to miss)."""
-    model = detector.config["model"]
-    for key, wanted in BASELINES[name][1].items():
-        found = detector.score if key == "score" else model.get(key)
-        if found != wanted:
-            raise InputError(f"--baseline-model {name}={detector.model_path}: this checkpoint "
-                             f"has {key} = {found}, not {wanted}; train it with "
-                             f"`emphysema-uad train ... {TRAIN_FLAGS[name]}`.")
+    variant = VARIANTS[name]
+    key, wanted = variant.checkpoint
+    found = detector.score if key == "score" else detector.config["model"].get(key)
+    if found != wanted:
+        raise InputError(f"baseline model {name}={detector.model_path}: this checkpoint has "
+                         f"{key} = {found}, not {wanted}; train it with `emphysema-uad train "
+                         f"... {variant.flag}`.", "baseline_model")
 
 
 def build_methods(model=None, baselines=None, device: str = "auto", batch_size: int = 8):
@@ -230,14 +224,14 @@ def build_methods(model=None, baselines=None, device: str = "auto", batch_size: 
     main = Detector.load(model, device, batch_size=batch_size)
     methods = [NetworkMethod("model", f"EDLNet ({Path(main.model_path).name})", main)]
     skipped = {}
-    for name, (label, _) in BASELINES.items():
+    for name, variant in VARIANTS.items():
         if name not in paths:
             skipped[name] = (f"not run: no checkpoint given (train with `emphysema-uad train "
-                             f"... {TRAIN_FLAGS[name]}`, pass --baseline-model {name}=PATH)")
+                             f"... {variant.flag}`, pass --baseline-model {name}=PATH)")
             continue
         detector = Detector.load(paths[name], device, batch_size=batch_size)
         _check_baseline(name, detector)
-        methods.append(NetworkMethod(name, label, detector))
+        methods.append(NetworkMethod(name, variant.label, detector))
     methods += [DensityMethod("laa950", "LAA-950"),
                 DensityMethod("laa950_filtered", "LAA-950 filtered", FILTER_SIGMA_MM),
                 Perc15Method()]
@@ -245,7 +239,8 @@ def build_methods(model=None, baselines=None, device: str = "auto", batch_size: 
 
 
 # --- running ------------------------------------------------------------------------------
-def run_cases(cases, methods, matrix=MATRIX, z_extent_mm=Z_EXTENT_MM, progress=None):
+def run_cases(cases, methods, matrix=MATRIX, z_extent_mm=Z_EXTENT_MM,
+              progress: Progress = NO_PROGRESS):
     """Every method on every case: (case rows with truth, {method key: [Outcome per case]})."""
     rows, outcomes = [], {m.key: [] for m in methods}
     for i, case in enumerate(cases):
@@ -257,8 +252,7 @@ def run_cases(cases, methods, matrix=MATRIX, z_extent_mm=Z_EXTENT_MM, progress=N
                      "shape": list(phantom.ct.shape)})
         for method in methods:
             outcomes[method.key].append(method.assess(phantom.ct, phantom.lungs, truth))
-        if progress:
-            progress.step(i + 1, len(cases), stage="cases")
+        progress.step(i + 1, len(cases), stage="cases")
     return rows, outcomes
 
 
@@ -324,7 +318,7 @@ def _level_order(level):
     """Numbers in increasing order, names in the order the project lists them."""
     if isinstance(level, (int, float)):
         return 0, level, 0
-    named = list(MORPHOLOGIES) + list(SEVERITIES) + list(acquisition.KERNELS)
+    named = list(PHANTOM_MORPHOLOGIES) + list(SEVERITIES) + list(acquisition.KERNELS)
     return 1, 0, named.index(level)
 
 
@@ -339,12 +333,12 @@ def _round(value, digits: int = 4):
 
 
 def evaluate(cases, methods, skipped=None, matrix=MATRIX, z_extent_mm=Z_EXTENT_MM,
-             n_boot: int = 1000, seed: int = 0, progress=None) -> dict:
+             n_boot: int = 1000, seed: int = 0, progress: Progress = NO_PROGRESS) -> dict:
     """Run and summarise; the returned dict is what results.json holds."""
     if not cases:
         raise InputError("the benchmark has no cases.")
     if n_boot < 0:
-        raise InputError(f"--bootstrap must be 0 (no intervals) or more (got {n_boot}).")
+        raise setting_error("bootstrap", f"must be 0 (no intervals) or more (got {n_boot}).")
     start = time.perf_counter()
     rows, outcomes = run_cases(cases, methods, matrix, z_extent_mm, progress)
     results = {
@@ -357,7 +351,7 @@ def evaluate(cases, methods, skipped=None, matrix=MATRIX, z_extent_mm=Z_EXTENT_M
         "machine": machine_info(),
         "cases": rows,
         "methods": {m.key: _summary(m, rows, outcomes[m.key], n_boot, seed) for m in methods},
-        "skipped": {name: {"label": BASELINES[name][0], "reason": reason}
+        "skipped": {name: {"label": VARIANTS[name].label, "reason": reason}
                     for name, reason in (skipped or {}).items()},
     }
     results["seconds"] = round(time.perf_counter() - start, 1)

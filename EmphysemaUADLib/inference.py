@@ -16,21 +16,11 @@ import torch
 
 from .errors import InputError
 from .intensity import hu_to_unit
+from .progress import NO_PROGRESS, Progress
 
 MULTIPLE = 16  # four 2x down-steps
 BOX_MARGIN = 8  # voxels of context around the lungs
 SCORES = ("anomaly", "residual")
-
-
-def choose_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
-                         "(is a CUDA build of torch installed?); use --device cpu or auto.")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda.")
-    return torch.device(name)
 
 
 def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice, slice] | None:
@@ -64,7 +54,8 @@ def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
 
 
 def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
-                    device: torch.device, batch_size: int = 8, progress=None,
+                    device: torch.device, batch_size: int = 8,
+                    progress: Progress = NO_PROGRESS,
                     score: str = "anomaly") -> np.ndarray:
     """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs."""
     if score not in SCORES:
@@ -94,14 +85,12 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
                     raise
                 torch.cuda.empty_cache()
                 batch_size //= 2
-                if progress:
-                    progress.log(f"out of GPU memory; batch size halved to {batch_size}",
-                                 level="warning")
+                progress.log(f"out of GPU memory; batch size halved to {batch_size}",
+                             level="warning")
                 continue
             h, w = ys.stop - ys.start, xs.stop - xs.start
             anomaly[chunk, ys, xs] = prob[:, 0, top:top + h, left:left + w].cpu().numpy()
             done = chunk.stop - zs.start
-            if progress:
-                progress.step(done, total, stage="network")
+            progress.step(done, total, stage="network")
     anomaly[lungs == 0] = 0.0
     return anomaly

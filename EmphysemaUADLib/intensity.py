@@ -9,8 +9,3 @@ HU_WINDOW = (-1000.0, 400.0)
 def hu_to_unit(hu, window=HU_WINDOW):
     lo, hi = window
     return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-
-def unit_to_hu(unit, window=HU_WINDOW):
-    lo, hi = window
-    return np.asarray(unit, dtype=np.float32) * (hi - lo) + lo

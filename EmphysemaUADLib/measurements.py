@@ -1,5 +1,13 @@
-"""Clinical measurements of each region: volume, emphysema index, LAA%-950, Perc15, score."""
+"""Clinical measurements of each region: volume, emphysema index, LAA%-950, Perc15, score.
+
+`COLUMNS` is the one source of the measurement columns: their keys (report.json, summary.csv,
+the Slicer table), human titles, units and one-line descriptions. `RegionMeasurements` is one
+region's row; `Measurements` holds the rows of a case, whole lung first, then right and left
+lung, then the regions (lobes or zones).
+"""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -8,9 +16,96 @@ from .regions import LEFT, RIGHT
 LAA_THRESHOLD_HU = -950.0
 
 
+@dataclass(frozen=True)
+class Column:
+    key: str  # as report.json, summary.csv and the Slicer table name it
+    title: str
+    unit: str  # "" for none
+    description: str
+
+
+COLUMNS = (
+    Column("region", "Region", "", "Whole lung, each lung, then each lobe or zone."),
+    Column("volume_ml", "Volume", "mL", "Volume of the region."),
+    Column("emphysema_index_percent", "Emphysema index", "%",
+           "Share of the region's voxels in the emphysema label map."),
+    Column("laa950_percent", "LAA-950", "%",
+           "Share of the region's voxels at or below -950 HU (low attenuation area)."),
+    Column("perc15_hu", "Perc15", "HU", "15th percentile of the region's densities."),
+    Column("mean_anomaly", "Mean anomaly", "",
+           "Mean anomaly probability of the network over the region, 0 to 1."),
+    Column("stage", "Stage", "", "None, Mild, Moderate or Severe, from the emphysema index."),
+)
+COLUMN = {c.key: c for c in COLUMNS}
+# the whole lung's columns in summary.csv, in its order (after the case and its anomaly score)
+SUMMARY_KEYS = ("emphysema_index_percent", "laa950_percent", "perc15_hu", "volume_ml", "stage")
+assert set(SUMMARY_KEYS) <= set(COLUMN)
+
+
+@dataclass
+class RegionMeasurements:
+    """One region's row; `asdict` gives report.json's region entry, keys in this order."""
+
+    region: str
+    volume_ml: float
+    emphysema_index_percent: float | None
+    laa950_percent: float | None
+    perc15_hu: float | None
+    mean_anomaly: float | None
+    stage: str | None = None
+    stage_probabilities: dict[str, float] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.emphysema_index_percent is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "RegionMeasurements":
+        """A row of report.json (keys it does not know are ignored)."""
+        return cls(**{f.name: row.get(f.name) for f in fields(cls)})
+
+
+LUNG_ROWS = 2  # right and left lung, after the whole lung
+
+
+@dataclass
+class Measurements:
+    """A case's rows in `region_masks` order: whole lung, right lung, left lung, regions."""
+
+    rows: list[RegionMeasurements]
+
+    @property
+    def whole(self) -> RegionMeasurements:
+        return self.rows[0]
+
+    @property
+    def lungs(self) -> list[RegionMeasurements]:
+        return self.rows[1:1 + LUNG_ROWS]
+
+    @property
+    def regions(self) -> list[RegionMeasurements]:
+        return self.rows[1 + LUNG_ROWS:]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_dicts(self) -> list[dict]:
+        return [r.to_dict() for r in self.rows]
+
+    @classmethod
+    def from_dicts(cls, rows: list[dict]) -> "Measurements":
+        return cls([RegionMeasurements.from_dict(r) for r in rows])
+
+
 def region_masks(lungs: np.ndarray, regions: np.ndarray, legend: dict[int, str]):
     """(name, mask) for the whole lung, each lung, then each region of the legend."""
-    yield "whole lung", lungs > 0
+    yield "whole lung", lungs > 0  # then the LUNG_ROWS
     yield "right lung", lungs == RIGHT
     yield "left lung", lungs == LEFT
     for value, name in sorted(legend.items()):
@@ -19,7 +114,8 @@ def region_masks(lungs: np.ndarray, regions: np.ndarray, legend: dict[int, str])
 
 def measure(hu: np.ndarray, mask: np.ndarray, emphysema: np.ndarray, anomaly: np.ndarray,
             voxel_ml: float) -> dict:
-    """Measurements of one region; an empty region reports its volume 0 and no values."""
+    """The values of one region, keyed as COLUMNS (the fields of RegionMeasurements); an
+    empty region reports its volume 0 and no values."""
     n = int(np.count_nonzero(mask))
     if n == 0:
         return {"volume_ml": 0.0, "emphysema_index_percent": None, "laa950_percent": None,

@@ -18,7 +18,9 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import InputError
-from .regions import LOBES, LTRC_VALUES, TOTALSEGMENTATOR_VALUES, lobe_from_name
+from .atomic import atomic_path
+from .measurements import COLUMNS, Measurements
+from .regions import LOBES, lobe_from_name, lobe_mapping, relabel
 from .staging import STAGES
 from .volume_io import Geometry, Volume, looks_like_hu, write_volume
 
@@ -32,8 +34,7 @@ HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built into every
 # shows through wherever the network sees nothing
 ANOMALY_DISPLAY_FLOOR = 0.1
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
-TABLE_COLUMNS = ("region", "volume_ml", "emphysema_index_percent", "laa950_percent",
-                 "perc15_hu", "mean_anomaly", "stage")
+TABLE_COLUMNS = tuple(c.key for c in COLUMNS)
 
 
 # --- geometry ----------------------------------------------------------------------------
@@ -172,25 +173,15 @@ def regions_from_node(node, ct_node) -> tuple[np.ndarray, dict[int, str]]:
         mapping = _labelmap_lobes(node, set(np.unique(exported).tolist()) - {0})
     else:
         raise InputError(f"{node.GetName()}: lobes must be a segmentation or a label map.")
-    lut = np.zeros(int(max(exported.max(), max(mapping))) + 1, np.uint8)
-    for value, label in mapping.items():
-        lut[value] = label
-    regions = lut[np.clip(exported, 0, len(lut) - 1).astype(np.int64)]
+    regions = relabel(exported, mapping)
     present = set(np.unique(regions).tolist()) - {0}
     return regions, {k: v for k, v in LOBES.items() if k in present}
 
 
 def _labelmap_lobes(node, values: set[int]) -> dict[int, int]:
     colors = node.GetDisplayNode().GetColorNode() if node.GetDisplayNode() else None
-    named = {v: lobe_from_name(colors.GetColorName(v)) for v in values} if colors else {}
-    if named and all(named.values()):
-        return named
-    if values & set(TOTALSEGMENTATOR_VALUES):
-        return dict(TOTALSEGMENTATOR_VALUES)
-    if values and values <= set(LTRC_VALUES):
-        return dict(LTRC_VALUES)
-    raise InputError(f"{node.GetName()}: labels {sorted(values)[:12]} are neither named after "
-                     "lobes nor TotalSegmentator (10-14) or lungmask (1-5) lobe values.")
+    names = {v: colors.GetColorName(v) for v in values} if colors else None
+    return lobe_mapping(values, names, node.GetName())[0]
 
 
 def _resampled_labels(node, ct_node) -> np.ndarray:
@@ -255,8 +246,9 @@ def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=Non
     report = json.loads(report_path.read_text())
     emphysema = read_labels(case_dir / "emphysema.nii.gz").array.astype(np.uint8)
     anomaly_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "anomaly_map.nii.gz")))
-    return arrays_to_nodes(ct_node, emphysema, anomaly_map, report["regions"],
-                           report["region_kind"], segmentation, anomaly, table)
+    return arrays_to_nodes(ct_node, emphysema, anomaly_map,
+                           Measurements.from_dicts(report["regions"]), report["region_kind"],
+                           segmentation, anomaly, table)
 
 
 # --- results onto nodes -------------------------------------------------------------------
@@ -284,12 +276,6 @@ EMPHYSEMA_TERMINOLOGY = (
 TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
 
 
-def emphysema_terminology() -> str:
-    """SNOMED CT 87433001 "Pulmonary emphysema" (category 49755003 "Morphologically Altered
-    Structure", region 39607008 "Lung"): what DICOM SEG export writes as the segment's codes."""
-    return EMPHYSEMA_TERMINOLOGY
-
-
 def _check_grid(array: np.ndarray, ct_node) -> None:
     dims = ct_node.GetImageData().GetDimensions()[::-1] if ct_node.GetImageData() else None
     if dims != array.shape:
@@ -313,17 +299,17 @@ def _fill_segmentation(node, emphysema: np.ndarray, ct_node) -> None:
     labelmap.SetImageToWorldMatrix(m)
     segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, EMPHYSEMA_SEGMENT,
                                                                  EMPHYSEMA_COLOR)
-    segmentation.GetSegment(segment_id).SetTag(TERMINOLOGY_TAG, emphysema_terminology())
+    segmentation.GetSegment(segment_id).SetTag(TERMINOLOGY_TAG, EMPHYSEMA_TERMINOLOGY)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
 
 
-def _fill_table(node, measurements: list[dict], region_kind: str) -> None:
+def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
     table = node.GetTable()
     table.Initialize()
-    columns = [(name, lambda row, name=name: row.get(name)) for name in TABLE_COLUMNS]
+    columns = [(name, lambda row, name=name: getattr(row, name)) for name in TABLE_COLUMNS]
     columns += [(f"p_{stage.lower()}",
-                 lambda row, stage=stage: (row.get("stage_probabilities") or {}).get(stage))
+                 lambda row, stage=stage: (row.stage_probabilities or {}).get(stage))
                 for stage in STAGES]
     for name, value_of in columns:
         array = vtk.vtkStringArray() if name in ("region", "stage") else vtk.vtkDoubleArray()
@@ -348,7 +334,7 @@ def result_to_nodes(result: "CaseResult", ct_node, segmentation=None, anomaly=No
 
 
 def arrays_to_nodes(ct_node, emphysema: np.ndarray, anomaly_map: np.ndarray,
-                    measurements: list[dict], region_kind: str, segmentation=None,
+                    measurements: Measurements, region_kind: str, segmentation=None,
                     anomaly=None, table=None) -> OutputNodes:
     """Detection outputs on the CT's grid into nodes (given ones are reused, missing ones
     created): an "Emphysema" segment, the anomaly map with a heat colour table, the
@@ -425,31 +411,18 @@ def segment_array(segmentation_node, ct_node, name: str = EMPHYSEMA_SEGMENT) -> 
 
 def _storage_write(storage, node, path: Path) -> Path:
     """Write through a storage node to a temporary name, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".partial-{path.name}")
-    storage.SetFileName(str(partial))
-    if hasattr(storage, "SetUseCompression"):
-        storage.SetUseCompression(True)
-    if not storage.WriteData(node):
-        partial.unlink(missing_ok=True)
-        raise OSError(f"{path}: could not be written.")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        storage.SetFileName(str(partial))
+        if hasattr(storage, "SetUseCompression"):
+            storage.SetUseCompression(True)
+        if not storage.WriteData(node):
+            raise OSError(f"{path}: could not be written.")
     return path
 
 
 def save_segmentation(node, path) -> Path:
     """The segmentation as a .seg.nrrd file."""
     return _storage_write(slicer.vtkMRMLSegmentationStorageNode(), node, Path(path))
-
-
-def load_segmentation(path, scene, name: str | None = None):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or Path(path).name)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        raise InputError(f"{path}: not a readable segmentation file.")
-    return node
 
 
 def save_label_map(segmentation_node, ct_node, path) -> Path:
@@ -463,15 +436,12 @@ def save_label_map(segmentation_node, ct_node, path) -> Path:
 def save_table_csv(table_node, path) -> Path:
     table = table_node.GetTable()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".partial-{path.name}")
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    with open(partial, "w", newline="") as f:
+    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(names)
         for r in range(table.GetNumberOfRows()):
             writer.writerow([_cell(table.GetValue(r, c)) for c in range(len(names))])
-    partial.replace(path)
     return path
 
 

@@ -28,7 +28,9 @@ from .staging import stage_of
 from .volume_io import Geometry, Volume, case_name, write_volume
 
 KERNELS = acquisition.KERNELS
-MORPHOLOGIES = ("centrilobular", "paraseptal", "panlobular", "bullous", "mixed")
+# the phantom's emphysema choices ("mixed": a blend); lesions.MORPHOLOGIES are the lesion
+# shapes synthesis draws from (the published Worley cells among them)
+PHANTOM_MORPHOLOGIES = ("centrilobular", "paraseptal", "panlobular", "bullous", "mixed")
 SEVERITIES = ("none", "mild", "moderate", "severe")
 # target share of lung voxels that become lesion (seed-jittered by +-20 %)
 LESION_FRACTION = {"none": 0.0, "mild": 0.025, "moderate": 0.12, "severe": 0.35}
@@ -79,7 +81,7 @@ def _check_inputs(seed, shape, spacing, noise, kernel, emphysema, morphology):
         raise InputError(f"the phantom noise must be a standard deviation >= 0 HU, not {noise}.")
     for value, allowed, what in ((kernel, KERNELS, "kernel"), (emphysema, SEVERITIES,
                                                                 "emphysema severity"),
-                                 (morphology, MORPHOLOGIES, "emphysema morphology")):
+                                 (morphology, PHANTOM_MORPHOLOGIES, "emphysema morphology")):
         if value not in allowed:
             raise InputError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}.")
     return int(seed), shape, spacing, noise
@@ -402,6 +404,13 @@ class _Thorax:
         self.envelope |= self.tubes.draw(solid, margin=4 * s) >= 0.5
         inside = self.cavity_mask & ~self.below
         self.blend(self.tubes.draw(solid), BLOOD, 5, within=inside)
+        self._central_airways(top, arch_z)
+
+    def _central_airways(self, top: float, arch_z: float) -> None:
+        """Trachea and main bronchi, and the mediastinal envelope between the lungs and
+        around the spine (after the great vessels: the random draws keep their order)."""
+        u, s = self.rng.uniform, self.s
+        zc, yt, vb = self.z_carina, self.y_trachea, self.vb
         # trachea and main bronchi: air inside a wall of soft tissue
         r_tr = u(8, 10) * s
         self.airway_root = {}

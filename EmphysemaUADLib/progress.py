@@ -3,6 +3,9 @@
 JSON mode is what the Slicer module and other GUIs read: every stdout line is an object with
 an "event" key (start, epoch, step, validation, checkpoint, log, done, error, ...). In bar mode
 everything goes to stderr so stdout stays free for results.
+
+Library functions take a `progress` (default NO_PROGRESS, which shows nothing) and report
+through it alone: steps, events and log lines (`progress.log`), never a separate callback.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ class Progress:
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
         self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
-        self._started = time.monotonic()
         self._rate_from: tuple[float, int] | None = None
         self._last_bar = 0.0
         self._bar_open = False
@@ -77,8 +79,8 @@ class Progress:
             if step >= total:
                 self.stream.write("\n")
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self._started
+
+NO_PROGRESS = Progress("none")  # the default: reports nothing
 
 
 def _short(value) -> str:

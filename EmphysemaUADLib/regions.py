@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .progress import NO_PROGRESS, Progress
 from .volume_io import Geometry, Volume, is_volume_file, read_labels, to_image
 
 RIGHT, LEFT = 1, 2
@@ -75,6 +76,31 @@ def lobe_from_name(name: str) -> int | None:
     return None
 
 
+def lobe_mapping(values: set[int], names: dict[int, str] | None, source: str,
+                 hint: str = "") -> tuple[dict[int, int], str]:
+    """(label value -> lobe label of LOBES, the convention found): by `names` (a legend,
+    segment or colour names) when each names a lobe, else TotalSegmentator values 10-14, else
+    lungmask LTRCLobes values 1-5; InputError naming `source` otherwise."""
+    if names:
+        lobes = {v: lobe_from_name(n) for v, n in names.items()}
+        if all(lobes.values()):
+            return lobes, "lobe names"
+    if values & set(TOTALSEGMENTATOR_VALUES):
+        return dict(TOTALSEGMENTATOR_VALUES), "TotalSegmentator labels 10-14"
+    if values and values <= set(LTRC_VALUES):
+        return dict(LTRC_VALUES), "lungmask LTRCLobes labels 1-5"
+    raise InputError(f"{source}: labels {sorted(values)[:12]} are neither named after lobes "
+                     f"nor TotalSegmentator (10-14) or lungmask (1-5) lobe values{hint}.")
+
+
+def relabel(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """uint8 labels through `mapping` (value -> label); values it does not name become 0."""
+    lut = np.zeros(max(int(labels.max(initial=0)), max(mapping, default=0)) + 1, np.uint8)
+    for value, label in mapping.items():
+        lut[value] = label
+    return lut[np.clip(labels, 0, len(lut) - 1).astype(np.int64)]
+
+
 def _same_grid(a: Geometry, b: Geometry, shape_a, shape_b) -> bool:
     return tuple(shape_a) == tuple(shape_b) and all(
         np.allclose(x, y, atol=1e-4) for x, y in
@@ -106,7 +132,7 @@ def _legend_for(path: Path) -> dict[int, str] | None:
 
 
 def read_regions(path: str | Path, ct: Volume, lungs: np.ndarray,
-                 log=None) -> tuple[np.ndarray, dict[int, str]]:
+                 progress: Progress = NO_PROGRESS) -> tuple[np.ndarray, dict[int, str]]:
     """Regions from a lobe segmentation, on the CT's grid and inside the lungs.
 
     Accepts a TotalSegmentator multilabel file (lobes 10-14) or its folder of one file per
@@ -128,39 +154,26 @@ def read_regions(path: str | Path, ct: Volume, lungs: np.ndarray,
         volume = read_labels(path, "lobe segmentation")
         values = set(np.unique(volume.array).tolist()) - {0}
         legend_in = _legend_for(path)
-        if legend_in is not None:
-            lobes = {v: lobe_from_name(n) for v, n in legend_in.items()}
-            if all(lobes.values()):
-                mapping, legend, source = lobes, dict(LOBES), "label map with a lobe legend"
-            else:
-                mapping = {v: i + 1 for i, v in enumerate(sorted(legend_in))}
-                legend = {mapping[v]: legend_in[v] for v in sorted(legend_in)}
-                source = "label map with a legend"
-        elif values & set(TOTALSEGMENTATOR_VALUES):
-            mapping, legend, source = TOTALSEGMENTATOR_VALUES, dict(LOBES), \
-                "TotalSegmentator labels 10-14"
-        elif values and values <= set(LTRC_VALUES):
-            mapping, legend, source = LTRC_VALUES, dict(LOBES), "lungmask LTRCLobes labels 1-5"
+        if legend_in is not None and not all(map(lobe_from_name, legend_in.values())):
+            mapping = {v: i + 1 for i, v in enumerate(sorted(legend_in))}
+            legend = {mapping[v]: legend_in[v] for v in sorted(legend_in)}
+            source = "label map with a legend"
         else:
-            raise InputError(f"{path}: labels {sorted(values)[:12]} are neither TotalSegmentator "
-                             "lobes (10-14) nor lungmask lobes (1-5); add a JSON legend beside "
-                             "it (same name, .json) naming each label.")
-        lut = np.zeros(max(max(values | set(mapping)), 0) + 1, np.uint8)
-        for value, label in mapping.items():
-            if value < len(lut):
-                lut[value] = label
-        regions = lut[np.clip(_on_ct_grid(volume, ct), 0, len(lut) - 1)]
+            mapping, source = lobe_mapping(values, legend_in, str(path),
+                                           "; add a JSON legend beside it (same name, .json) "
+                                           "naming each label")
+            legend = dict(LOBES)
+        regions = relabel(_on_ct_grid(volume, ct), mapping)
     lung = lungs > 0
     covered = np.count_nonzero(regions[lung]) / max(np.count_nonzero(lung), 1)
     if covered < MIN_LUNG_COVERAGE:
         raise InputError(f"{path}: the lobe segmentation covers only {covered:.0%} of the lungs "
                          "found in this CT; it does not belong to this CT or its geometry "
                          "(origin, spacing, direction) is wrong.")
-    if covered < WARN_LUNG_COVERAGE and log:
-        log(f"{path}: the lobes cover {covered:.0%} of the lungs; the rest counts only in the "
-            "whole-lung and left/right measurements.")
-    if log:
-        log(f"regions from {path} ({source}).")
+    if covered < WARN_LUNG_COVERAGE:
+        progress.log(f"{path}: the lobes cover {covered:.0%} of the lungs; the rest counts "
+                     "only in the whole-lung and left/right measurements.")
+    progress.log(f"regions from {path} ({source}).")
     regions = np.where(lung, regions, 0).astype(np.uint8)
     present = set(np.unique(regions).tolist()) - {0}
     return regions, {k: v for k, v in legend.items() if k in present}

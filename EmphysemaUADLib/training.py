@@ -31,15 +31,16 @@ import torch.nn.functional as F
 
 from .acquisition import KERNELS, NOISE_LEVELS, add_ct_noise, apply_kernel
 from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import InputError
-from .inference import choose_device, score_batch
+from .devices import choose_device
+from .errors import InputError, setting_error
+from .inference import score_batch
 from .intensity import HU_WINDOW, hu_to_unit
 from .lesions import MORPHOLOGIES, random_training_lesions, synthesize_lesions
 from .metrics import best_dice, binned
 from .network import EDLNet, build_model, count_parameters
 from .process import stop_requested
-from .progress import Progress
-from .training_data import SliceCache, build_slice_cache, find_all_cases
+from .progress import NO_PROGRESS, Progress
+from .training_data import SliceCache, build_slice_cache, find_training_cases
 
 P_FLIP = 0.3  # published: flips and 90-degree rotations, p = 0.3 each
 P_ROTATE = 0.3
@@ -78,26 +79,25 @@ class TrainOptions:
     workers: int | None = None
 
     def check(self) -> None:
-        for name, flag in (("epochs", "epochs"), ("width", "width"),
-                           ("batch_size", "batch-size"), ("max_val_slices", "val-slices")):
+        for name in ("epochs", "width", "batch_size", "max_val_slices"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{flag} must be at least 1 (got {getattr(self, name)}).")
+                raise setting_error(name, f"must be at least 1 (got {getattr(self, name)}).")
         if self.size < 16 or self.size % 16:
-            raise InputError(f"--size must be a multiple of 16 (got {self.size}).")
+            raise setting_error("size", f"must be a multiple of 16 (got {self.size}).")
         if self.patch_size is not None and (self.patch_size < 16 or self.patch_size % 16 or
                                             self.patch_size > self.size):
-            raise InputError(f"--patch-size must be a multiple of 16 and at most --size "
-                             f"{self.size} (got {self.patch_size}).")
+            raise InputError(f"patch size must be a multiple of 16 and at most the size "
+                             f"{self.size} (got {self.patch_size}).", "patch_size", "size")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise InputError(f"--steps-per-epoch must be at least 1 (got "
-                             f"{self.steps_per_epoch}).")
+            raise setting_error("steps_per_epoch",
+                                f"must be at least 1 (got {self.steps_per_epoch}).")
         if self.anomaly_loss not in ("mse", "bce"):
-            raise InputError(f"--anomaly-loss must be mse or bce (got {self.anomaly_loss}).")
+            raise setting_error("anomaly_loss", f"must be mse or bce (got {self.anomaly_loss}).")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr must be a positive number (got {self.lr}).")
+            raise setting_error("lr", f"must be a positive number (got {self.lr}).")
         if not 0.0 < self.val_fraction < 1.0:
-            raise InputError(f"--val-fraction must lie between 0 and 1 (got "
-                             f"{self.val_fraction}).")
+            raise setting_error("val_fraction",
+                                f"must lie between 0 and 1 (got {self.val_fraction}).")
 
 
 # What defines a run: on --resume these come from last.pt.
@@ -412,7 +412,7 @@ def _cpu(obj):
     return obj
 
 
-def _resumed_options(opts: TrainOptions, saved: dict, progress) -> TrainOptions:
+def _resumed_options(opts: TrainOptions, saved: dict, progress: Progress) -> TrainOptions:
     """The run's saved settings; a warning for those asked for otherwise (a value left at
     its default is not taken as asked for)."""
     defaults = {f.name: f.default for f in fields(TrainOptions)}
@@ -426,172 +426,253 @@ def _resumed_options(opts: TrainOptions, saved: dict, progress) -> TrainOptions:
     return TrainOptions(**values)
 
 
-def train(opts: TrainOptions, progress: Progress | None = None, stop: StopFlag | None = None,
+def train(opts: TrainOptions, progress: Progress = NO_PROGRESS, stop: StopFlag | None = None,
           on_step=None) -> TrainResult:
     """Train (or resume) the run in `opts.output`. `on_step(step, loss)` is called after
     every step with this process's loss (tests use it); `stop` is set by signals unless
     given."""
     opts.check()
     procs = _Processes(opts.device)
-    progress = progress if (progress is not None and procs.main) else Progress("none")
     own_signals = stop is None
     stop = stop or StopFlag()
     try:
-        return _train(opts, procs, progress, stop, on_step, own_signals)
+        trainer = Trainer(opts, procs, progress if procs.main else NO_PROGRESS, stop, on_step)
+        return trainer.run(install_signals=own_signals)
     finally:
         stop.uninstall()
         procs.close()
 
 
-def _train(opts, procs: _Processes, progress, stop: StopFlag, on_step,
-           own_signals: bool) -> TrainResult:
-    out = Path(opts.output)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    saved = None
-    if opts.resume:
-        if not last_path.is_file():
-            raise InputError(f"{last_path}: not found; there is no run to resume in {out}.")
-        saved = load_checkpoint(last_path)
-        opts = _resumed_options(opts, saved.training_state["options"], progress)
-    elif last_path.exists():
-        raise InputError(f"{out} already holds a training run (last.pt); add --resume to "
-                         "continue it, or choose another --output folder.")
-    device = procs.device
+class Trainer:
+    """One training run, shaped like nnU-Net's trainer: `set_up` (the run, data, model,
+    optimiser, resumed state, loader), then per epoch the `train_step`s and `end_epoch`
+    (`validate_and_save` and `save_last` on rank 0), and `on_interrupt` when a stop is agreed
+    on. The run's changing state (step, epochs done, best score, history, threshold) lives on
+    the object, so each step reads and writes it in one place."""
 
-    cases = find_all_cases(opts.healthy)
-    cache_dir = Path(opts.cache_dir) if opts.cache_dir else out / "cache"
-    if procs.main:
-        cache = build_slice_cache(cases, cache_dir, opts.size, progress)
-    procs.barrier()
-    if not procs.main:  # the cache rank 0 just built
-        cache = build_slice_cache(cases, cache_dir, opts.size)
-    train_idx, val_idx = cache.split_by_case(opts.val_fraction, opts.seed)
-    if cache.n_cases == 1:
-        progress.log("only one usable case: validation uses contiguous blocks of its slices, "
-                     "which are not independent of the training slices", "warning")
-    val = validation_set(cache, val_idx, opts.seed, opts.max_val_slices) if procs.main else None
+    def __init__(self, opts: TrainOptions, procs: _Processes, progress: Progress,
+                 stop: StopFlag, on_step=None):
+        self.opts, self.procs, self.progress, self.stop = opts, procs, progress, stop
+        self.on_step = on_step
+        self.device = procs.device
+        out = Path(opts.output)
+        self.last_path, self.best_path = out / "last.pt", out / "best.pt"
+        self.resumed = False
+        self.step, self.epochs_done = 0, 0
+        self.best_auroc: float | None = None
+        self.best_score: float | None = None
+        self.history: list[dict] = []
+        self.threshold = 0.5  # of the anomaly probability; a residual's comes from validation
+        self._epoch_started = 0.0
 
-    torch.manual_seed(opts.seed)
-    model = (build_model(saved.config["model"]) if saved else
-             EDLNet(width=opts.width, scrb=opts.scrb, gate=opts.gate,
-                    detach_fusion=opts.detach_fusion))
-    voxel_score = "residual" if opts.reconstruction_only else "anomaly"
-    anomaly_loss = None if opts.reconstruction_only else opts.anomaly_loss
-    threshold = 0.5  # of the anomaly probability; a residual's comes from validation
-    if saved:
-        model.load_state_dict(saved.state_dict)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if procs.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    # --- set-up ---------------------------------------------------------------------------
+    def set_up(self) -> None:
+        saved = self._open_run()
+        self._load_data()
+        self._build_model(saved)
+        if saved:
+            self._restore(saved.training_state)
+        self._build_loader()
 
-    per_step = opts.batch_size * procs.world
-    steps_per_epoch = opts.steps_per_epoch or max(1, math.ceil(len(train_idx) / per_step))
-    total = opts.epochs * steps_per_epoch
-    warmup = (max(1, round(WARMUP_SHARE * opts.epochs)) if opts.epochs > 1 else 0) \
-        * steps_per_epoch
-    step, epochs_done, best_auroc, best_score, history = 0, 0, None, None, []
-    if saved:
-        state = saved.training_state
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        step, epochs_done = state["step"], state["epochs_done"]
-        best_auroc, history = state["best_auroc"], list(state["history"])
-        best_score = state["best_score"]
+    def _open_run(self):
+        """The checkpoint to resume (its settings replace the given ones), or None for a new
+        run; a new run never overwrites an existing one."""
+        out = self.last_path.parent
+        if not self.opts.resume:
+            if self.last_path.exists():
+                raise InputError(f"{out} already holds a training run (last.pt); continue it with "
+                                 "resume, or choose another output folder.", "resume", "output")
+            return None
+        if not self.last_path.is_file():
+            raise InputError(f"{self.last_path}: not found; there is no run to resume in {out}.")
+        saved = load_checkpoint(self.last_path)
+        self.opts = _resumed_options(self.opts, saved.training_state["options"], self.progress)
+        self.resumed = True
+        return saved
 
-    sampler = EpochBatches(train_idx, opts.batch_size, steps_per_epoch, opts.seed,
-                           procs.rank, procs.world)
-    workers = opts.workers if opts.workers is not None else \
-        (min(12, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(
-        AugmentedSlices(cache, opts.seed, opts.patch_size), batch_sampler=sampler,
-        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-        persistent_workers=workers > 0)
-
-    summary = {"cases": cache.n_cases, "slices": len(cache), "train_slices": len(train_idx),
-               "val_slices": len(val_idx), "skipped": len(cache.skipped)}
-
-    def config(extra: dict) -> dict:
-        return {"model": model.config, "input_size": opts.size,
-                "intensity_window": list(HU_WINDOW), "score": voxel_score,
-                "threshold": threshold,
-                "training": {**{k: getattr(opts, k) for k in RUN_KEYS}, **summary,
-                             "steps_per_epoch": steps_per_epoch, "world_size": procs.world,
-                             "device": device.type, **extra}}
-
-    def save_last() -> None:
-        state = {"options": {k: getattr(opts, k) for k in RUN_KEYS}, "step": step,
-                 "epochs_done": epochs_done, "best_auroc": best_auroc,
-                 "best_score": best_score, "history": history,
-                 "optimizer": _cpu(optimizer.state_dict()), "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        save_checkpoint(last_path, _cpu(model.state_dict()),
-                        config({"step": step, "epochs_done": epochs_done}), state)
-        progress.event("checkpoint", path=str(last_path), best=False)
-
-    def interrupted() -> TrainResult:
+    def _load_data(self) -> None:
+        """The slice cache (built by rank 0, read by the others), the split by case and the
+        fixed validation set."""
+        opts, procs = self.opts, self.procs
+        cases = find_training_cases(opts.healthy)
+        cache_dir = Path(opts.cache_dir) if opts.cache_dir else self.last_path.parent / "cache"
         if procs.main:
-            save_last()
-        name = signal.Signals(stop.signum).name
-        progress.event("interrupted", f"{name}: stopped after step {step}/{total}; resume "
-                       f"with --resume (state in {last_path})", signal=name, step=step,
-                       path=str(last_path))
-        return TrainResult(best_path, last_path, best_auroc, step, stop.signum, history)
-
-    progress.event("start", cases=cache.n_cases, slices=len(cache),
-                   train_slices=len(train_idx), val_slices=len(val_idx),
-                   params=count_parameters(model), device=str(device), world_size=procs.world,
-                   epochs=opts.epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
-                   resumed_at=step if saved else None)
-    if own_signals:
-        stop.install()
-    for epoch in range(epochs_done, opts.epochs):
-        progress.event("epoch", epoch=epoch + 1, epochs=opts.epochs)
-        sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
-        started = time.monotonic()
-        for batch in loader:
-            lr = opts.lr * lr_factor(step, total, warmup)
-            loss = train_step(net, optimizer, batch, device, lr, anomaly_loss)
-            step += 1
-            if on_step is not None:
-                on_step(step, float(loss))
-            loss, stopping = procs.agree(loss, stop.is_set())
-            progress.step(step, total, loss=round(loss, 6), lr=lr, epoch=epoch + 1)
-            if stopping:
-                stop.request(stop.signum or signal.SIGTERM)
-                return interrupted()
-        epochs_done = epoch + 1
-        record = {"epoch": epochs_done, "step": step, "seconds": round(time.monotonic() -
-                                                                        started, 2)}
-        if procs.main:
-            auroc, dice, threshold = validate(model, val, device, opts.batch_size,
-                                             voxel_score)
-            record.update(auroc=auroc, dice=dice, threshold=threshold)
-            progress.event("validation", epoch=epochs_done, auroc=auroc, dice=dice,
-                           threshold=threshold)
-            score = selection_score(auroc)
-            if best_score is None or score > best_score:
-                best_score, best_auroc = score, auroc
-                save_checkpoint(best_path, _cpu(model.state_dict()),
-                                config({"epoch": epochs_done, "step": step, "val_auroc": auroc,
-                                        "val_dice": dice}))
-                progress.event("checkpoint", path=str(best_path), best=True)
-            history.append(record)
-            save_last()
+            self.cache = build_slice_cache(cases, cache_dir, opts.size, self.progress)
         procs.barrier()
-        _, stopping = procs.agree(torch.zeros((), device=device), stop.is_set())
-        if stopping:
-            stop.request(stop.signum or signal.SIGTERM)
-            return interrupted()
-    warning = threshold_warning(history) if procs.main else None
-    if warning:
-        progress.log(warning, level="warning")
-    progress.event("done", best_auroc=best_auroc, steps=step,
-                   paths={"best": str(best_path), "last": str(last_path)})
-    return TrainResult(best_path, last_path, best_auroc, step, None, history)
+        if not procs.main:  # the cache rank 0 just built
+            self.cache = build_slice_cache(cases, cache_dir, opts.size)
+        self.train_idx, self.val_idx = self.cache.split_by_case(opts.val_fraction, opts.seed)
+        if self.cache.n_cases == 1:
+            self.progress.log("only one usable case: validation uses contiguous blocks of its "
+                              "slices, which are not independent of the training slices",
+                              "warning")
+        self.val = (validation_set(self.cache, self.val_idx, opts.seed, opts.max_val_slices)
+                    if procs.main else None)
+
+    def _build_model(self, saved) -> None:
+        """The network (seeded; a resumed one's weights), on the device, DDP-wrapped under
+        torchrun, its optimiser and the learning-rate schedule."""
+        opts, device = self.opts, self.device
+        torch.manual_seed(opts.seed)
+        model = (build_model(saved.config["model"]) if saved else
+                 EDLNet(width=opts.width, scrb=opts.scrb, gate=opts.gate,
+                        detach_fusion=opts.detach_fusion))
+        self.voxel_score = "residual" if opts.reconstruction_only else "anomaly"
+        self.anomaly_loss = None if opts.reconstruction_only else opts.anomaly_loss
+        if saved:
+            model.load_state_dict(saved.state_dict)
+        model = model.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = self.net = model
+        if self.procs.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr,
+                                           weight_decay=opts.weight_decay)
+        per_step = opts.batch_size * self.procs.world
+        self.steps_per_epoch = (opts.steps_per_epoch or
+                                max(1, math.ceil(len(self.train_idx) / per_step)))
+        self.total = opts.epochs * self.steps_per_epoch
+        warmup_epochs = max(1, round(WARMUP_SHARE * opts.epochs)) if opts.epochs > 1 else 0
+        self.warmup = warmup_epochs * self.steps_per_epoch
+
+    def _restore(self, state: dict) -> None:
+        """Optimiser, RNG and progress of a resumed run, as `save_last` left them."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step, self.epochs_done = state["step"], state["epochs_done"]
+        self.best_auroc, self.history = state["best_auroc"], list(state["history"])
+        self.best_score = state["best_score"]
+
+    def _build_loader(self) -> None:
+        opts, device = self.opts, self.device
+        self.sampler = EpochBatches(self.train_idx, opts.batch_size, self.steps_per_epoch,
+                                    opts.seed, self.procs.rank, self.procs.world)
+        workers = opts.workers if opts.workers is not None else \
+            (min(12, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0)
+        self.loader = torch.utils.data.DataLoader(
+            AugmentedSlices(self.cache, opts.seed, opts.patch_size), batch_sampler=self.sampler,
+            num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+            persistent_workers=workers > 0)
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, install_signals: bool = True) -> TrainResult:
+        self.set_up()
+        cache = self.cache
+        self.progress.event(
+            "start", cases=cache.n_cases, slices=len(cache), train_slices=len(self.train_idx),
+            val_slices=len(self.val_idx), params=count_parameters(self.model),
+            device=str(self.device), world_size=self.procs.world, epochs=self.opts.epochs,
+            steps_per_epoch=self.steps_per_epoch, total_steps=self.total,
+            resumed_at=self.step if self.resumed else None)
+        if install_signals:
+            self.stop.install()
+        for epoch in range(self.epochs_done, self.opts.epochs):
+            if not self.train_epoch(epoch) or self.end_epoch(epoch):
+                return self.on_interrupt()
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """The epoch's steps (from where a resumed run stopped); False when stopped."""
+        self.progress.event("epoch", epoch=epoch + 1, epochs=self.opts.epochs)
+        self.sampler.set_epoch(epoch, self.step - epoch * self.steps_per_epoch)
+        self._epoch_started = time.monotonic()
+        for batch in self.loader:
+            if self.train_step(batch, epoch):
+                return False
+        return True
+
+    def train_step(self, batch, epoch: int) -> bool:
+        """One optimiser step; True when any process was asked to stop."""
+        lr = self.opts.lr * lr_factor(self.step, self.total, self.warmup)
+        loss = train_step(self.net, self.optimizer, batch, self.device, lr, self.anomaly_loss)
+        self.step += 1
+        if self.on_step is not None:
+            self.on_step(self.step, float(loss))
+        loss, stopping = self.procs.agree(loss, self.stop.is_set())
+        self.progress.step(self.step, self.total, loss=round(loss, 6), lr=lr, epoch=epoch + 1)
+        return stopping
+
+    def end_epoch(self, epoch: int) -> bool:
+        """Validate, save best.pt and last.pt (rank 0); True when any process was asked to
+        stop meanwhile."""
+        self.epochs_done = epoch + 1
+        record = {"epoch": self.epochs_done, "step": self.step,
+                  "seconds": round(time.monotonic() - self._epoch_started, 2)}
+        if self.procs.main:
+            self.validate_and_save(record)
+            self.history.append(record)
+            self.save_last()
+        self.procs.barrier()
+        _, stopping = self.procs.agree(torch.zeros((), device=self.device), self.stop.is_set())
+        return stopping
+
+    def validate_and_save(self, record: dict) -> None:
+        """Validation into `record`; best.pt when the epoch scores best (selection_score)."""
+        auroc, dice, self.threshold = validate(self.model, self.val, self.device,
+                                               self.opts.batch_size, self.voxel_score)
+        record.update(auroc=auroc, dice=dice, threshold=self.threshold)
+        self.progress.event("validation", epoch=self.epochs_done, auroc=auroc, dice=dice,
+                            threshold=self.threshold)
+        score = selection_score(auroc)
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_auroc = score, auroc
+            save_checkpoint(self.best_path, _cpu(self.model.state_dict()),
+                            self.config({"epoch": self.epochs_done, "step": self.step,
+                                         "val_auroc": auroc, "val_dice": dice}))
+            self.progress.event("checkpoint", path=str(self.best_path), best=True)
+
+    def save_last(self) -> None:
+        """The complete run state, so that --resume continues bit for bit."""
+        device = self.device
+        state = {"options": self._run_settings(), "step": self.step,
+                 "epochs_done": self.epochs_done, "best_auroc": self.best_auroc,
+                 "best_score": self.best_score, "history": self.history,
+                 "optimizer": _cpu(self.optimizer.state_dict()),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        save_checkpoint(self.last_path, _cpu(self.model.state_dict()),
+                        self.config({"step": self.step, "epochs_done": self.epochs_done}), state)
+        self.progress.event("checkpoint", path=str(self.last_path), best=False)
+
+    def on_interrupt(self) -> TrainResult:
+        """Save last.pt (rank 0) and report where to resume."""
+        self.stop.request(self.stop.signum or signal.SIGTERM)
+        if self.procs.main:
+            self.save_last()
+        name = signal.Signals(self.stop.signum).name
+        self.progress.event("interrupted", f"{name}: stopped after step {self.step}/"
+                            f"{self.total}; resume with --resume (state in {self.last_path})",
+                            signal=name, step=self.step, path=str(self.last_path))
+        return TrainResult(self.best_path, self.last_path, self.best_auroc, self.step,
+                           self.stop.signum, self.history)
+
+    def finish(self) -> TrainResult:
+        warning = threshold_warning(self.history) if self.procs.main else None
+        if warning:
+            self.progress.log(warning, level="warning")
+        self.progress.event("done", best_auroc=self.best_auroc, steps=self.step,
+                            paths={"best": str(self.best_path), "last": str(self.last_path)})
+        return TrainResult(self.best_path, self.last_path, self.best_auroc, self.step, None,
+                           self.history)
+
+    # --- what the checkpoints hold --------------------------------------------------------
+    def _run_settings(self) -> dict:
+        return {k: getattr(self.opts, k) for k in RUN_KEYS}
+
+    def config(self, extra: dict) -> dict:
+        """A checkpoint's config: the model, its input and score, and the training run."""
+        cache = self.cache
+        summary = {"cases": cache.n_cases, "slices": len(cache),
+                   "train_slices": len(self.train_idx), "val_slices": len(self.val_idx),
+                   "skipped": len(cache.skipped)}
+        return {"model": self.model.config, "input_size": self.opts.size,
+                "intensity_window": list(HU_WINDOW), "score": self.voxel_score,
+                "threshold": self.threshold,
+                "training": {**self._run_settings(), **summary,
+                             "steps_per_epoch": self.steps_per_epoch,
+                             "world_size": self.procs.world, "device": self.device.type,
+                             **extra}}

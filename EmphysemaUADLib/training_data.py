@@ -13,16 +13,15 @@ air beyond it) and padded with air or centre-cropped to size x size.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import move_into_place, scratch_folder
 from .errors import InputError
 from .inference import BOX_MARGIN
+from .progress import NO_PROGRESS, Progress
 from .volume_io import _dirs_with_files, _holds_dicom, is_volume_file, read_ct
 
 CACHE_VERSION = 1
@@ -38,7 +37,7 @@ MANIFEST = "manifest.json"
 
 
 # --- finding the cases --------------------------------------------------------------------
-def find_cases(folder) -> list[Path]:
+def cases_below(folder) -> list[Path]:
     """Every CT below `folder`: each volume file, and each folder that directly holds DICOM
     files, is one case. Hidden files and folders are ignored. A volume file is one case."""
     root = Path(folder)
@@ -63,11 +62,11 @@ def find_cases(folder) -> list[Path]:
     return cases
 
 
-def find_all_cases(folders) -> list[Path]:
-    """The cases of several folders, each case once."""
+def find_training_cases(folders) -> list[Path]:
+    """The cases below several folders (`cases_below`), each case once."""
     seen, cases = set(), []
     for folder in folders:
-        for case in find_cases(folder):
+        for case in cases_below(folder):
             key = case.resolve()
             if key not in seen:
                 seen.add(key)
@@ -154,10 +153,6 @@ class SliceCache:
         return self._map("case", np.int32, (len(self),))
 
     @property
-    def slice_index(self) -> np.memmap:
-        return self._map("slice", np.int32, (len(self),))
-
-    @property
     def spacing(self) -> np.memmap:
         """In-plane (y, x) spacing of each slice in mm."""
         return self._map("spacing", np.float32, (len(self), 2))
@@ -210,11 +205,11 @@ def _fit(image: np.ndarray, size: int, fill) -> np.ndarray:
     return out
 
 
-def case_slices(case: Path, size: int, log=None) -> _CaseSlices:
+def case_slices(case: Path, size: int, progress: Progress = NO_PROGRESS) -> _CaseSlices:
     """The lung slices of one CT, cropped to its lung box and fitted to size x size."""
     from .lungs import segment_lungs
 
-    ct = read_ct(case, log=log)
+    ct = read_ct(case, progress)
     lungs = segment_lungs(ct) > 0
     area = lungs.sum(axis=(1, 2))
     if area.max(initial=0) == 0:
@@ -229,9 +224,9 @@ def case_slices(case: Path, size: int, log=None) -> _CaseSlices:
            slice(max(xs[0] - BOX_MARGIN, 0), xs[-1] + 1 + BOX_MARGIN))
     hu = np.clip(np.rint(ct.array[keep][:, box[0], box[1]]), *HU_RANGE).astype(np.int16)
     mask = lungs[keep][:, box[0], box[1]]
-    if log and max(hu.shape[1:]) > size:
-        log(f"{case}: the lung box ({hu.shape[1]} x {hu.shape[2]} voxels) is larger than "
-            f"{size} x {size}; its edges are cropped.")
+    if max(hu.shape[1:]) > size:
+        progress.log(f"{case}: the lung box ({hu.shape[1]} x {hu.shape[2]} voxels) is larger "
+                     f"than {size} x {size}; its edges are cropped.")
     return _CaseSlices(_fit(hu, size, AIR_HU), np.packbits(_fit(mask, size, False), axis=-1),
                        keep.astype(np.int32), ct.geometry.spacing_zyx[1:])
 
@@ -254,7 +249,8 @@ def _current(cache_dir: Path, settings: dict, identities: list[dict]) -> SliceCa
     return cache
 
 
-def build_slice_cache(cases, cache_dir, size: int = 384, progress=None) -> SliceCache:
+def build_slice_cache(cases, cache_dir, size: int = 384,
+                      progress: Progress = NO_PROGRESS) -> SliceCache:
     """The cache of `cases` in `cache_dir`, reused when the inputs and settings are unchanged.
 
     Unreadable cases (and CTs without lungs) are skipped with a warning; InputError when none
@@ -268,42 +264,35 @@ def build_slice_cache(cases, cache_dir, size: int = 384, progress=None) -> Slice
     cache_dir = Path(cache_dir)
     settings = _settings(size)
     identities = [case_identity(c) for c in cases]
-    log = progress.log if progress is not None else None
     cached = _current(cache_dir, settings, identities)
     if cached is not None:
-        if log:
-            log(f"using the slice cache in {cache_dir} ({len(cached)} slices of "
-                f"{cached.n_cases} cases)")
-        _warn_skipped(cached.skipped, log)
+        progress.log(f"using the slice cache in {cache_dir} ({len(cached)} slices of "
+                     f"{cached.n_cases} cases)")
+        _warn_skipped(cached.skipped, progress)
         return cached
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
-    try:
-        manifest = _build(cases, identities, staging, size, progress)
+    with scratch_folder(cache_dir, ".build-") as scratch:
+        manifest = _build(cases, identities, scratch, size, progress)
         manifest["settings"] = settings
         (cache_dir / MANIFEST).unlink(missing_ok=True)  # invalid until the new one is in
         for name in FILES.values():
-            os.replace(staging / name, cache_dir / name)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.replace(staging / MANIFEST, cache_dir / MANIFEST)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _warn_skipped(manifest["skipped"], log)
+            move_into_place(scratch / name, cache_dir / name)
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        move_into_place(scratch / MANIFEST, cache_dir / MANIFEST)
+    _warn_skipped(manifest["skipped"], progress)
     return SliceCache.open(cache_dir)
 
 
-def _build(cases, identities, staging: Path, size: int, progress) -> dict:
+def _build(cases, identities, scratch: Path, size: int, progress: Progress) -> dict:
     used, skipped, total = [], [], 0
-    handles = {key: open(staging / name, "wb") for key, name in FILES.items()}
-    log = progress.log if progress is not None else None
+    handles = {key: open(scratch / name, "wb") for key, name in FILES.items()}
     try:
         for number, (case, identity) in enumerate(zip(cases, identities), 1):
-            if progress is not None:
-                progress.event("cache", f"reading case {number}/{len(cases)}: {case}",
-                               case=str(case), done=number - 1, total=len(cases))
+            progress.event("cache", f"reading case {number}/{len(cases)}: {case}",
+                           case=str(case), done=number - 1, total=len(cases))
             try:
-                data = case_slices(case, size, log)
+                data = case_slices(case, size, progress)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # any unreadable case is skipped, not fatal
@@ -330,7 +319,7 @@ def _build(cases, identities, staging: Path, size: int, progress) -> dict:
             "inputs": identities}
 
 
-def _warn_skipped(skipped: list[dict], log) -> None:
-    if skipped and log:
+def _warn_skipped(skipped: list[dict], progress: Progress) -> None:
+    if skipped:
         listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped)
-        log(f"skipped {len(skipped)} case(s) that could not be used: {listed}", "warning")
+        progress.log(f"skipped {len(skipped)} case(s) that could not be used: {listed}", "warning")

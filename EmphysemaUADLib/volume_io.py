@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import move_into_place, scratch_folder
 from .errors import InputError
+from .progress import NO_PROGRESS, Progress
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -116,7 +116,7 @@ def _holds_dicom(folder: Path) -> bool:
     return bool(_quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder)))
 
 
-def find_cases(path: str | os.PathLike) -> list[Path]:
+def cases_of_input(path: str | os.PathLike) -> list[Path]:
     """The CT cases an input names: a volume file, a DICOM series folder, or a folder of
     cases (each volume file, and each subfolder holding DICOM files, is one case)."""
     p = Path(path)
@@ -258,11 +258,11 @@ def looks_like_hu(array: np.ndarray) -> bool:
     return air >= 0.002 and tissue >= 0.002 and np.percentile(valid, 99) < 4000
 
 
-def read_ct(path: str | os.PathLike, log=None) -> Volume:
+def read_ct(path: str | os.PathLike, progress: Progress = NO_PROGRESS) -> Volume:
     """Read and validate a CT volume in HU. Raises InputError with a one-line reason."""
     image, note = read_image(path, "CT")
-    if note and log:
-        log(note)
+    if note:
+        progress.log(note)
     source = str(path)
     _check_geometry(image, source)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
@@ -301,12 +301,9 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        sitk.WriteImage(to_image(array, geometry), str(staging / target.name), True)
-        written = sorted(staging.iterdir(), key=lambda f: f.name == target.name)
+    with scratch_folder(target.parent) as scratch:
+        sitk.WriteImage(to_image(array, geometry), str(scratch / target.name), True)
+        written = sorted(scratch.iterdir(), key=lambda f: f.name == target.name)
         for f in written:
-            os.replace(f, target.parent / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            move_into_place(f, target.parent / f.name)
     return target

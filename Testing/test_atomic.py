@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from EmphysemaUADLib.atomic import UMASK, atomic_path, staging_dir, write_text_atomic
+from EmphysemaUADLib.atomic import UMASK, atomic_path, scratch_folder, write_text_atomic
 
 
 def test_written_file_has_ordinary_permissions_and_no_leftovers(tmp_path):
@@ -28,7 +28,8 @@ def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
-def test_staging_folder_is_readable_by_others_like_any_new_folder(tmp_path):
-    folder = staging_dir(tmp_path, ".tmp-case-")
-    assert folder.parent == tmp_path and folder.name.startswith(".tmp-case-")
-    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~UMASK
+def test_scratch_folder_is_readable_by_others_like_any_new_folder(tmp_path):
+    with scratch_folder(tmp_path, ".tmp-case-") as folder:
+        assert folder.parent == tmp_path and folder.name.startswith(".tmp-case-")
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~UMASK
+    assert not folder.exists()

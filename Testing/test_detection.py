@@ -45,12 +45,12 @@ def test_the_bundled_model_loads():
 
 
 def test_severe_phantom_is_staged_above_none_with_the_right_zones_worst(severe, severe_result):
-    whole = severe_result.whole_lung
-    assert whole["stage"] != "None"
-    assert whole["emphysema_index_percent"] > 5.0
-    rows = {r["region"]: r for r in severe_result.measurements}
+    whole = severe_result.measurements.whole
+    assert whole.stage != "None"
+    assert whole.emphysema_index_percent > 5.0
+    rows = {r.region: r for r in severe_result.measurements}
     truth = severe.truth["regions"]
-    detected = [rows[z]["emphysema_index_percent"] for z in ZONE_NAMES]
+    detected = [rows[z].emphysema_index_percent for z in ZONE_NAMES]
     true = [truth[z]["emphysema_index_percent"] for z in ZONE_NAMES]
     assert spearmanr(detected, true).statistic > 0.6, (detected, true)
     assert ZONE_NAMES[int(np.argmax(detected))] in \
@@ -70,8 +70,8 @@ def test_healthy_phantom_is_none_everywhere(detector):
     healthy = make_phantom(seed=12, emphysema="none", kernel="sharp", **PHANTOM)
     result = detect_case(healthy.ct, detector)
     for row in result.measurements:
-        assert row["stage"] == "None", row
-        assert row["emphysema_index_percent"] < 1.0, row
+        assert row.stage == "None", row
+        assert row.emphysema_index_percent < 1.0, row
 
 
 def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe):
@@ -126,5 +126,5 @@ def test_real_ct_is_none_in_every_region(detector):
     ct = read_ct(SHARED_DATA / "chest-ct-dicom")
     result = detect_case(ct, detector)
     for row in result.measurements:
-        assert row["stage"] == "None", row
-        assert row["emphysema_index_percent"] < 1.0, row
+        assert row.stage == "None", row
+        assert row.emphysema_index_percent < 1.0, row

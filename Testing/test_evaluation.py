@@ -15,11 +15,12 @@ import torch
 from EmphysemaUADLib import cli
 from EmphysemaUADLib.checkpoint import load_model, save_checkpoint
 from EmphysemaUADLib.errors import InputError
-from EmphysemaUADLib.evaluation import (BASELINES, benchmark_cases, evaluate, parse_baselines)
+from EmphysemaUADLib.evaluation import benchmark_cases, evaluate, parse_baselines
+from EmphysemaUADLib.variants import VARIANTS
 from EmphysemaUADLib.inference import predict_anomaly
 from EmphysemaUADLib.intensity import hu_to_unit
 from EmphysemaUADLib.network import EDLNet
-from EmphysemaUADLib.phantom import MORPHOLOGIES, make_phantom, write_phantom
+from EmphysemaUADLib.phantom import PHANTOM_MORPHOLOGIES, make_phantom, write_phantom
 from EmphysemaUADLib.volume_io import read_ct
 
 TINY_CASES = ["--cases", "small", "--matrix", "48", "--z-extent", "24", "--bootstrap", "20",
@@ -60,7 +61,7 @@ def test_full_case_set_covers_every_factor():
     assert len(sick) == 60
     conditions = Counter((c.severity, c.morphology) for c in sick)
     assert set(conditions) == {(s, m) for s in ("mild", "moderate", "severe")
-                               for m in MORPHOLOGIES} and set(conditions.values()) == {4}
+                               for m in PHANTOM_MORPHOLOGIES} and set(conditions.values()) == {4}
     for condition in conditions:  # each condition meets every noise level and both kernels
         own = [c for c in sick if (c.severity, c.morphology) == condition]
         assert {c.noise for c in own} == {10.0, 20.0, 35.0, 50.0}
@@ -154,7 +155,7 @@ def test_small_evaluate_run_writes_tables_json_and_charts(models, tmp_path):
     assert results["settings"]["cases"] == 6 and results["settings"]["healthy"] == 2
     assert list(results["methods"]) == ["model", "autoencoder", "no-gate", "laa950",
                                         "laa950_filtered", "perc15"]
-    assert set(results["skipped"]) == set(BASELINES) - {"autoencoder", "no-gate"}
+    assert set(results["skipped"]) == set(VARIANTS) - {"autoencoder", "no-gate"}
     laa = results["methods"]["laa950"]["metrics"]
     for key in ("case_auroc", "voxel_auroc", "voxel_ap", "dice", "dice_best", "aupro",
                 "stage_accuracy", "stage_macro_auroc"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,7 @@ def chest_like(shape=(24, 40, 48), geometry=OBLIQUE, seed=0) -> Volume:
 def fake_result(ct: Volume, seed=1):
     """A CaseResult with a non-trivial label map (what detection would produce)."""
     from EmphysemaUADLib.detection import CaseResult
+    from EmphysemaUADLib.measurements import Measurements
 
     rng = np.random.default_rng(seed)
     lungs = (ct.array < -500).astype(np.uint8) * (ct.array > -950)
@@ -102,7 +104,15 @@ def fake_result(ct: Volume, seed=1):
             for i, (name, stage) in enumerate((("whole lung", "Mild"), ("right lung", "None"),
                                                ("left lung", "Moderate")))]
     return CaseResult(ct, lungs, lungs.copy(), {1: "right upper zone"}, "zones", anomaly,
-                      emphysema, rows)
+                      emphysema, Measurements.from_dicts(rows))
+
+
+def load_segmentation(path, scene):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(path).name)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), path
+    return node
 
 
 def test_geometry_matrix_round_trip():
@@ -199,8 +209,8 @@ def test_result_nodes_overlay_the_input(app, tmp_path):
     table = out.table.GetTable()
     regions = [table.GetValueByName(r, "region").ToString() for r in range(table.GetNumberOfRows())]
     stages = [table.GetValueByName(r, "stage").ToString() for r in range(table.GetNumberOfRows())]
-    assert regions == [row["region"] for row in result.measurements]
-    assert stages == [row["stage"] for row in result.measurements]
+    assert regions == [row.region for row in result.measurements]
+    assert stages == [row.stage for row in result.measurements]
     assert table.GetValueByName(2, "p_severe").ToDouble() == pytest.approx(0.4)
 
     for node in (out.segmentation, out.anomaly, out.table):
@@ -219,10 +229,10 @@ def test_exports_reload_identical(app, tmp_path):
     out = mrml.result_to_nodes(result, ct_node)
 
     path = mrml.save_segmentation(out.segmentation, tmp_path / "emphysema.seg.nrrd")
-    reloaded = mrml.load_segmentation(path, app.scene)
+    reloaded = load_segmentation(path, app.scene)
     np.testing.assert_array_equal(mrml.segment_array(reloaded, ct_node), result.emphysema)
     assert terminology_of(reloaded.GetSegmentation().GetNthSegment(0)) == \
-        mrml.emphysema_terminology()
+        mrml.EMPHYSEMA_TERMINOLOGY
 
     nifti = mrml.save_label_map(out.segmentation, ct_node, tmp_path / "emphysema.nii.gz")
     image = sitk.ReadImage(str(nifti))
@@ -231,10 +241,10 @@ def test_exports_reload_identical(app, tmp_path):
     np.testing.assert_allclose(image.GetDirection(), OBLIQUE.direction, atol=1e-5)
 
     rows = list(csv.DictReader(open(mrml.save_table_csv(out.table, tmp_path / "t.csv"))))
-    assert [r["region"] for r in rows] == [m["region"] for m in result.measurements]
-    assert [r["stage"] for r in rows] == [m["stage"] for m in result.measurements]
+    assert [r["region"] for r in rows] == [m.region for m in result.measurements]
+    assert [r["stage"] for r in rows] == [m.stage for m in result.measurements]
     assert float(rows[1]["emphysema_index_percent"]) == pytest.approx(3.0)
-    assert not list(tmp_path.glob(".partial-*"))
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_lobes_from_a_segmentation_node(app):
@@ -310,7 +320,7 @@ def test_detection_on_a_phantom_node_comes_back_on_its_grid(app, tmp_path):
     table = out.table.GetTable()
     assert table.GetNumberOfRows() == len(result.measurements) == 3 + len(result.legend)
     assert [table.GetValueByName(r, "stage").ToString() for r in range(table.GetNumberOfRows())] \
-        == ["" if row["stage"] is None else row["stage"] for row in result.measurements]
+        == ["" if row.stage is None else row.stage for row in result.measurements]
 
 
 def _tiny_model(path):

@@ -24,7 +24,7 @@ from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.training import (AugmentedSlices, EpochBatches, StopFlag, TrainOptions,
                                       augment, compute_loss, lr_factor, threshold_warning,
                                       train, train_step)
-from EmphysemaUADLib.training_data import SliceCache, build_slice_cache, find_cases
+from EmphysemaUADLib.training_data import SliceCache, build_slice_cache, cases_below
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "4", "--size", "64", "--patch-size", "32", "--batch-size", "4",
@@ -46,7 +46,7 @@ def healthy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(healthy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
-    build_slice_cache(find_cases(healthy), folder, size=64)
+    build_slice_cache(cases_below(healthy), folder, size=64)
     return folder
 
 
@@ -145,7 +145,7 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch(cache_dir):
 
 
 # --- whole runs ---------------------------------------------------------------------------
-def test_cli_run_json_progress_and_checkpoints(healthy, cache_dir, tmp_path):
+def test_cli_run_json_progress_and_checkpoints(healthy, cache_dir, tmp_path, capsys):
     code, lines = run_cli([healthy, "--output", tmp_path / "model", "--epochs", "2",
                            "--progress", "json", "--cache-dir", cache_dir, *TINY])
     assert code == 0
@@ -172,7 +172,13 @@ def test_cli_run_json_progress_and_checkpoints(healthy, cache_dir, tmp_path):
     # a second run into the same folder must not overwrite it silently
     code, lines = run_cli([healthy, "--output", tmp_path / "model", "--progress", "json",
                            "--cache-dir", cache_dir, *TINY])
-    assert code == 2 and lines[-1]["event"] == "error" and "--resume" in lines[-1]["message"]
+    # JSON is for GUIs: the message names the setting; a terminal gets the flag
+    assert code == 2 and lines[-1]["event"] == "error" and \
+        "continue it with resume" in lines[-1]["message"]
+    assert cli.main(["train", str(healthy), "--output", str(tmp_path / "model"),
+                     "--cache-dir", str(cache_dir), *TINY]) == 2
+    assert "continue it with --resume, or choose another --output folder" in \
+        capsys.readouterr().err
 
 
 def test_error_event_when_no_case_is_usable(tmp_path):

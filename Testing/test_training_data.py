@@ -13,8 +13,8 @@ from conftest import SHARED_DATA, requires_shared
 from EmphysemaUADLib.errors import InputError
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
-from EmphysemaUADLib.training_data import (SliceCache, build_slice_cache, find_all_cases,
-                                           find_cases)
+from EmphysemaUADLib.training_data import (SliceCache, build_slice_cache, find_training_cases,
+                                           cases_below)
 
 SHAPE = (12, 64, 64)
 SPACING = (5.0, 4.0, 4.0)
@@ -64,22 +64,22 @@ def events(stream):
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-def test_find_cases_recurses_and_ignores_other_files(healthy, tmp_path):
-    names = [c.relative_to(healthy).as_posix() for c in find_cases(healthy)]
+def test_cases_below_recurses_and_ignores_other_files(healthy, tmp_path):
+    names = [c.relative_to(healthy).as_posix() for c in cases_below(healthy)]
     assert names == ["broken.nii.gz", "case1.nii.gz", "case2.nii.gz",
                      "site_b/patient3/series1"]
-    assert find_all_cases([healthy, healthy / "site_b"]) == find_cases(healthy)
+    assert find_training_cases([healthy, healthy / "site_b"]) == cases_below(healthy)
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
     (tmp_path / "empty" / ".hidden" / "x.nii.gz").write_bytes(b"")
     (tmp_path / "empty" / "readme.md").write_text("no CT here")
     with pytest.raises(InputError, match="holds no CT"):
-        find_cases(tmp_path / "empty")
+        cases_below(tmp_path / "empty")
     with pytest.raises(InputError, match="no such file"):
-        find_cases(tmp_path / "missing")
+        cases_below(tmp_path / "missing")
 
 
 def test_cache_build_skip_and_reuse(healthy, tmp_path):
-    cases = find_cases(healthy)
+    cases = cases_below(healthy)
     progress, stream = json_progress()
     cache = build_slice_cache(cases, tmp_path / "cache", size=64, progress=progress)
 
@@ -106,7 +106,7 @@ def test_cache_build_skip_and_reuse(healthy, tmp_path):
     for number, case in enumerate(cache.cases):  # the manifest agrees with the arrays
         rows = np.flatnonzero(np.asarray(cache.case_index) == number)
         assert case["first"] == rows[0] and case["slices"] == len(rows)
-        assert np.all(np.diff(cache.slice_index[rows]) > 0)
+        assert np.all(np.diff(cache._map("slice", np.int32, (len(cache),))[rows]) > 0)
 
     # unchanged inputs: reused without reading, the skip still reported
     stamp = os.stat(tmp_path / "cache" / "hu.int16").st_mtime_ns
@@ -129,7 +129,7 @@ def test_cache_build_skip_and_reuse(healthy, tmp_path):
 def test_cache_pickles_without_its_data(healthy, tmp_path):
     import pickle
 
-    cache = build_slice_cache(find_cases(healthy)[1:3], tmp_path / "c", size=64)
+    cache = build_slice_cache(cases_below(healthy)[1:3], tmp_path / "c", size=64)
     np.asarray(cache.hu)  # maps opened
     blob = pickle.dumps(cache)
     assert len(blob) < 10_000
@@ -148,7 +148,7 @@ def test_no_usable_case_is_an_input_error(healthy, tmp_path):
 
 
 def test_split_by_case(healthy, tmp_path):
-    cache = build_slice_cache(find_cases(healthy), tmp_path / "cache", size=64)
+    cache = build_slice_cache(cases_below(healthy), tmp_path / "cache", size=64)
     case_of = np.asarray(cache.case_index)
     train, val = cache.split_by_case(0.3, seed=0)
     assert len(train) + len(val) == len(cache)

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from EmphysemaUADLib.errors import InputError
+from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.volume_io import Geometry, read_ct, read_labels, write_volume
 from conftest import SHARED_DATA, requires_shared
 
@@ -85,7 +86,9 @@ def test_dicom_folder_picks_the_largest_ct_series(tmp_path):
     write_dicom_series(tmp_path / "study" / "b", array[:3], series_uid="1.2.3.4.2")
     write_dicom_series(tmp_path / "study" / "b", array, modality="MR", series_uid="1.2.3.4.3")
     notes = []
-    ct = read_ct(tmp_path / "study", log=notes.append)
+    progress = Progress("none")
+    progress.log = lambda message, level="info": notes.append(message)
+    ct = read_ct(tmp_path / "study", progress)
     assert ct.shape == (7, 40, 48)
     np.testing.assert_array_equal(ct.array, array)
     np.testing.assert_allclose(ct.geometry.spacing, (0.8, 0.8, 2.0), atol=1e-4)
