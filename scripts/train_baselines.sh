@@ -4,8 +4,8 @@
 # autoencoder and the published network's variants without SCRB, without the gate, and with
 # detached fusion.
 # Usage: scripts/train_baselines.sh [WORK_DIR] [NAME ...]   (default: output/default-model,
-# all four). Each lands in WORK_DIR/baselines/NAME/best.pt; rerunning continues interrupted
-# runs. The script ends by printing the evaluate command that uses them.
+# every baseline of EmphysemaUADLib/variants.py). Each lands in WORK_DIR/baselines/NAME/best.pt;
+# rerunning continues interrupted runs. The script ends by printing the evaluate command that uses them.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup-env.sh")"
@@ -13,9 +13,11 @@ cli="$venv/bin/emphysema-uad"
 work="${1:-$root/output/default-model}"
 shift || true
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(autoencoder no-scrb no-gate detached-fusion)
-declare -A flag=([autoencoder]=--reconstruction-only [no-scrb]=--no-scrb [no-gate]=--no-gate
-                 [detached-fusion]=--detach-fusion)
+declare -A flag=()  # name -> train flag, from the one table (EmphysemaUADLib/variants.py)
+while read -r name option; do
+    flag[$name]=$option
+    [ $# -gt 0 ] || names+=("$name")
+done < <("$venv/bin/python" -m EmphysemaUADLib.variants)
 
 for name in "${names[@]}"; do
     [ -n "${flag[$name]:-}" ] || { echo "error: unknown baseline $name" >&2; exit 2; }
