@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 AUPRO_MAX_FPR = 0.3
 
@@ -162,10 +162,31 @@ def aupro(c: Counts, max_fpr: float = AUPRO_MAX_FPR) -> float:
 
 
 # --- cases and stages ---------------------------------------------------------------------
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties given their average rank (scipy's rankdata, a few times faster on
+    the small arrays of a bootstrap)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    first = np.flatnonzero(starts)
+    average = (first + np.append(first[1:], len(values)) + 1) / 2.0
+    ranks = np.empty(len(values))
+    ranks[order] = average[np.cumsum(starts) - 1]
+    return ranks
+
+
 def case_auroc(scores, labels) -> float:
     """AUROC of case scores against bool labels (ties count half); NaN without both."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return auroc(binned(scores, labels, np.unique(scores))) if len(scores) else float("nan")
+    # Mann-Whitney with average ranks: the same as `auroc` with one bin per distinct score,
+    # and fast enough for thousands of bootstrap samples
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    n_pos = int(np.count_nonzero(labels))
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _ranks(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def staging_accuracy(true, predicted) -> float:
@@ -188,7 +209,10 @@ def spearman(x, y) -> float:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(stats.rankdata(x), stats.rankdata(y))[0, 1])
+    rx, ry = _ranks(x), _ranks(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    return float(np.dot(rx, ry) / np.sqrt(np.dot(rx, rx) * np.dot(ry, ry)))
 
 
 def bootstrap(statistic, n_cases: int, n_boot: int = 1000, seed: int = 0,

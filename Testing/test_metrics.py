@@ -159,3 +159,19 @@ def test_cluster_bootstrap_resamples_subjects_with_all_their_cases():
     case_ci = m.bootstrap(statistic, 3, n_boot=300, seed=4)
     by_cluster = m.cluster_bootstrap(statistic, [7, 8, 9], n_boot=300, seed=4)
     assert {k: v[:2] for k, v in by_cluster.items()} == case_ci
+
+
+def test_case_auroc_and_spearman_match_sklearn_and_scipy_with_ties():
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(5)
+    for n in (2, 7, 55):
+        scores = rng.integers(0, 6, n).astype(float)
+        truth = rng.random(n) < 0.4
+        truth[:2] = [True, False]
+        scores[:2] = [1.0, 3.0]
+        other = rng.integers(0, 4, n).astype(float)
+        other[:2] = [0.0, 1.0]
+        assert m._ranks(scores).tolist() == rankdata(scores).tolist()
+        assert m.case_auroc(scores, truth) == pytest.approx(roc_auc_score(truth, scores))
+        assert m.spearman(scores, other) == pytest.approx(spearmanr(scores, other).statistic)
