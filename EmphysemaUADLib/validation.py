@@ -284,9 +284,9 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     if report.get("region_kind") == "zones" and regions_path.is_file():
         # zones cover the whole lung mask: their union is the mask `detect` measured
         zones = read_label_map(regions_path, "regions").array > 0
-        if zones.shape == ct.shape and abs(np.count_nonzero(zones) * ct.geometry.voxel_ml
-                                           - float(whole["volume_ml"])) < 0.01 + 1e-3 * float(
-                                               whole["volume_ml"]):
+        volume, reported = np.count_nonzero(zones) * ct.geometry.voxel_ml, float(
+            whole["volume_ml"])
+        if zones.shape == ct.shape and abs(volume - reported) <= 0.01 + 1e-3 * reported:
             lungs = zones
     if lungs is None:
         lungs = segment_lungs(ct) > 0
