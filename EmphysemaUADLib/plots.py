@@ -45,8 +45,10 @@ def _polyline(canvas, rows, cols, color, thickness: int = 2) -> None:
 def line_chart(series, title: str, x_label: str, y_label: str, x_range=(0.0, 1.0),
                y_range=(0.0, 1.0), x_ticks=None, markers: bool = False,
                size=(300, 420)) -> np.ndarray:
-    """(H, W, 3) uint8 chart of `series`: [(name, xs, ys)], NaN points left out;
-    x_ticks: [(value, label)] (default: five even ticks of x_range)."""
+    """(H, W, 3) uint8 chart of `series`: [(name, xs, ys)] or [(name, xs, ys, style)] with
+    style "line", "points" or "line+points" (default: "line+points" with `markers`, else
+    "line"); NaN points left out; x_ticks: [(value, label)] (default: five even ticks of
+    x_range)."""
     height, width = size
     legend_rows = len(series)
     canvas = np.zeros((height + legend_rows * (GLYPH_H + 3) + 6, width, 3), np.uint8)
@@ -74,19 +76,38 @@ def line_chart(series, title: str, x_label: str, y_label: str, x_range=(0.0, 1.0
     _text(canvas, title, width // 2, 4, center=True)
     _text(canvas, x_label, (x0 + x1) // 2, y1 + 4 + GLYPH_H + 2, center=True)
     _text(canvas, y_label, x0 + 2, y0 - 2)
-    for k, (name, xs, ys) in enumerate(series):
+    for k, (name, xs, ys, *style) in enumerate(series):
+        style = style[0] if style else ("line+points" if markers else "line")
         color = COLORS[k % len(COLORS)]
         xs, ys = np.asarray(xs, float), np.asarray(ys, float)
         keep = np.isfinite(xs) & np.isfinite(ys)
         rows, cols = row(ys[keep]), col(xs[keep])
-        _polyline(canvas, rows, cols, color)
-        if markers:
+        if "line" in style:
+            _polyline(canvas, rows, cols, color)
+        if "points" in style:
             for r, c in zip(np.rint(rows).astype(int), np.rint(cols).astype(int)):
                 canvas[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = color
         legend_y = height + 4 + k * (GLYPH_H + 3)
         canvas[legend_y + 1:legend_y + GLYPH_H - 1, x0:x0 + 14] = color
         _text(canvas, name, x0 + 18, legend_y - 1)
     return canvas
+
+
+def nice_range(values, ticks: int = 4) -> tuple[float, float]:
+    """A y range holding the finite values whose `ticks` even steps are round numbers (1, 2,
+    2.5 or 5 times a power of ten), so that line_chart's five grid labels read well."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    exponent = np.floor(np.log10((high - low) / ticks))
+    for factor in (1, 2, 2.5, 5, 10, 20):
+        step = factor * 10.0 ** exponent
+        start = np.floor(low / step) * step
+        if start + ticks * step >= high - 1e-12:
+            return float(round(start, 12)), float(round(start + ticks * step, 12))
+    return low, high
 
 
 def side_by_side(images, gap: int = 8) -> np.ndarray:

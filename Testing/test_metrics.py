@@ -137,3 +137,41 @@ def test_bootstrap_intervals_by_hand():
     assert m.bootstrap(undefined_without_case_1, 2, n_boot=2000, seed=1)["mean"] == (0.5, 1.0)
     # a single case: every sample is that case
     assert m.bootstrap(lambda idx: {"v": float(idx.sum())}, 1, n_boot=10)["v"] == (0.0, 0.0)
+
+
+def test_cluster_bootstrap_resamples_subjects_with_all_their_cases():
+    # subject a holds cases 0 and 1 (values 0, 0), subject b case 2 (value 1). A sample draws
+    # two subjects: aa (p 1/4) -> 4 cases, mean 0; ab or ba (p 1/2) -> 3 cases, mean 1/3;
+    # bb (p 1/4) -> 2 cases, mean 1
+    values = np.array([0.0, 0.0, 1.0])
+
+    def statistic(idx):
+        return {"cases": float(len(idx)), "mean": values[idx].mean(),
+                "needs_b": values[idx].mean() if 2 in idx else float("nan")}
+
+    ci = m.cluster_bootstrap(statistic, ["a", "a", "b"], n_boot=2000, seed=1)
+    assert ci["cases"] == (2.0, 4.0, 2000)
+    assert ci["mean"] == (0.0, 1.0, 2000)
+    # samples without b (aa, p 1/4) are undefined: left out and not counted as used
+    low, high, used = ci["needs_b"]
+    assert (low, high) == (pytest.approx(1 / 3), 1.0) and 0.72 < used / 2000 < 0.78
+    # one case per cluster: the very samples of the case bootstrap
+    case_ci = m.bootstrap(statistic, 3, n_boot=300, seed=4)
+    by_cluster = m.cluster_bootstrap(statistic, [7, 8, 9], n_boot=300, seed=4)
+    assert {k: v[:2] for k, v in by_cluster.items()} == case_ci
+
+
+def test_case_auroc_and_spearman_match_sklearn_and_scipy_with_ties():
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(5)
+    for n in (2, 7, 55):
+        scores = rng.integers(0, 6, n).astype(float)
+        truth = rng.random(n) < 0.4
+        truth[:2] = [True, False]
+        scores[:2] = [1.0, 3.0]
+        other = rng.integers(0, 4, n).astype(float)
+        other[:2] = [0.0, 1.0]
+        assert m._ranks(scores).tolist() == rankdata(scores).tolist()
+        assert m.case_auroc(scores, truth) == pytest.approx(roc_auc_score(truth, scores))
+        assert m.spearman(scores, other) == pytest.approx(spearmanr(scores, other).statistic)
