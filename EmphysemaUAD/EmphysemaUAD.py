@@ -57,9 +57,9 @@ class EmphysemaUAD(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Emphysema UAD"
-        self.parent.categories = ["Chest Imaging"]
+        self.parent.categories = ["Chest Imaging Platform"]
         self.parent.dependencies = []
-        self.parent.contributors = ["EmphysemaUAD developers"]
+        self.parent.contributors = ["EmphysemaUAD developers (EmphysemaUAD project)"]
         self.parent.helpText = (
             "Detects emphysema on chest CT with a network trained only on healthy lungs, and "
             "stages it per lobe (with a lobe segmentation) or per lung zone. The Training tab "
