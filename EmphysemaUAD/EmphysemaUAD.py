@@ -4,9 +4,15 @@ Kept thin: the work is done by the EmphysemaUADLib package (no Qt), which this m
 beside itself (built extension) or one folder up (source checkout). Training, and detection
 when asked, run as a separate `PythonSlicer -m EmphysemaUADLib ... --progress json` process
 that a timer polls, so the application never freezes.
+
+torch is never imported in Slicer's own process on load, on enter or for the panel (it costs
+seconds and memory there, and an imported torch cannot be reinstalled by the PyTorch
+extension): the device line asks a worker Python, the model's threshold and summary are read
+from the JSON beside the checkpoint. Only detection unticked from the background imports it.
 """
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -47,19 +53,27 @@ MODEL_SOURCES = ["Bundled model", "Checkpoint file"]
 DEVICES = list(DEVICE_CHOICES)
 POLL_INTERVAL_MS = 250
 DETECT_CANCEL_GRACE_S = 5  # detection has nothing to save: stop it quickly
-# what the library needs beyond Slicer's own Python (torch comes from the PyTorch extension)
-PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.21", "sklearn": "scikit-learn>=1.3"}
 TORCH_MINIMUM = "2.1"
 DICOM_SEG_PLUGIN = "DICOMSegmentationPlugin"
+MODULE_DIR = Path(__file__).resolve().parent
+# what the library needs in Slicer's Python besides torch (pyproject's dependencies less
+# torch, which comes from the PyTorch extension; a test keeps the two equal)
+REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "Requirements" / "requirements.txt"
+TERMINOLOGY_FILE = MODULE_DIR / "Resources" / "Terminology" / "EmphysemaUAD.term.json"
+SAMPLE_CATEGORY = "Emphysema UAD"
+SAMPLE_NAME = "EmphysemaUADPhantom"
+SAMPLE_NODE_NAME = "Emphysema phantom CT"
+TOTALSEGMENTATOR_MODULE = "TotalSegmentator"
+PYTHON_MINIMUM = (3, 10)  # pyproject's requires-python; Slicer 5.8 and later have 3.12
 
 
 class EmphysemaUAD(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Emphysema UAD"
-        self.parent.categories = ["Chest Imaging"]
+        self.parent.categories = ["Chest Imaging Platform"]
         self.parent.dependencies = []
-        self.parent.contributors = ["EmphysemaUAD developers"]
+        self.parent.contributors = ["EmphysemaUAD developers (EmphysemaUAD project)"]
         self.parent.helpText = (
             "Detects emphysema on chest CT with a network trained only on healthy lungs, and "
             "stages it per lobe (with a lobe segmentation) or per lung zone. The Training tab "
@@ -68,6 +82,38 @@ class EmphysemaUAD(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Unsupervised anomaly detection after the EDLNet method; PyTorch through the "
             "PyTorch extension.")
+        slicer.app.connect("startupCompleted()", registerTerminologyAndSampleData)
+
+
+def registerTerminologyAndSampleData():
+    """At Slicer's start: the terminology holding the emphysema code (87433001 is not in the
+    DICOM master list Slicer ships), and the synthetic phantom in Sample Data."""
+    try:
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+    except Exception as exc:  # an old Slicer or a missing module must not stop the start
+        logging.warning(f"Emphysema UAD: terminology not loaded: {exc}")
+    try:
+        import SampleData
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=SAMPLE_CATEGORY, sampleName=SAMPLE_NAME, nodeNames=[SAMPLE_NODE_NAME],
+            thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "EmphysemaUAD.png"),
+            customDownloader=loadSamplePhantom)
+    except Exception as exc:
+        logging.warning(f"Emphysema UAD: sample data not registered: {exc}")
+
+
+def loadSamplePhantom(source=None):
+    """A synthetic chest CT with moderate emphysema, made here (nothing is downloaded): a new
+    user can press Detect on it in the first minute."""
+    from EmphysemaUADLib import mrml
+    from EmphysemaUADLib.phantom import make_phantom
+
+    with slicer.util.tryWithErrorDisplay("Could not make the phantom CT.", waitCursor=True):
+        phantom = make_phantom(7, emphysema="moderate")
+        node = mrml.volume_to_node(phantom.ct, slicer.mrmlScene,
+                                   slicer.mrmlScene.GenerateUniqueName(SAMPLE_NODE_NAME))
+        slicer.util.setSliceViewerLayers(background=node, fit=True)
+        return node
 
 
 # Ranges are given for every number: Slicer's spin box and slider connectors replace the
@@ -80,6 +126,9 @@ class EmphysemaUADParameterNode:
     lobes: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     modelSource: Annotated[str, Choice(MODEL_SOURCES)] = MODEL_SOURCES[0]
     modelPath: Path = Path()
+    # the model's own threshold (set from healthy CTs, stored in its checkpoint) unless the
+    # user unticks it and chooses one
+    useModelThreshold: bool = True
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
     runInBackground: bool = True
@@ -117,12 +166,34 @@ def _versionTuple(text: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:2])
 
 
+def missingDependencies() -> tuple:
+    """(torch is missing, the requirements of REQUIREMENTS_FILE this Python lacks)."""
+    from EmphysemaUADLib.process import missing_requirements
+
+    return _torchVersion() is None, missing_requirements(REQUIREMENTS_FILE.read_text())
+
+
 def ensureDependencies() -> bool:
-    """PyTorch through the PyTorch extension's PyTorchUtils and the library's pip packages,
-    each installed only after the user agrees (never silently). False when something is
+    """PyTorch through the PyTorch extension's PyTorchUtils and the library's packages, after
+    one question for everything that is missing (never silently). False when something is
     still missing; the user has then been told what to do."""
+    if sys.version_info < PYTHON_MINIMUM:
+        slicer.util.errorDisplay(
+            f"Emphysema UAD needs Python {'.'.join(map(str, PYTHON_MINIMUM))} or newer; this "
+            f"Slicer has {sys.version.split()[0]}. Use Slicer 5.8 or later.")
+        return False
     version = _torchVersion()
-    if version is None:
+    if version is not None and _versionTuple(version) < _versionTuple(TORCH_MINIMUM):
+        slicer.util.errorDisplay(
+            f"PyTorch {version} is installed; Emphysema UAD needs {TORCH_MINIMUM} or newer. "
+            "Open the 'PyTorch Utils' module, uninstall PyTorch, restart Slicer and install it "
+            f"again with the version requirement '>={TORCH_MINIMUM}'.")
+        return False
+    torchMissing, missing = missingDependencies()
+    if not torchMissing and not missing:
+        return True
+    torchLogic = None
+    if torchMissing:
         try:
             import PyTorchUtils
         except ImportError:
@@ -132,34 +203,42 @@ def ensureDependencies() -> bool:
                 "then run again.", windowTitle="PyTorch extension missing")
             return False
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            # installTorch asks the user first (askConfirmation) and picks the build that
-            # matches the NVIDIA driver (a CPU build without one); None when declined
-            with slicer.util.WaitCursor():
-                torch = torchLogic.installTorch(askConfirmation=True,
-                                                torchVersionRequirement=f">={TORCH_MINIMUM}")
-            if torch is None:
+    wanted = ([f"PyTorch >= {TORCH_MINIMUM} (the build that suits this computer, up to a few "
+               "GB)"] if torchMissing else []) + missing
+    if not slicer.util.confirmOkCancelDisplay(
+            "Emphysema UAD needs these Python packages, not installed yet:\n\n  "
+            + "\n  ".join(wanted) + "\n\nInstall them now into Slicer's Python (some "
+            "minutes)?", "Missing Python packages"):
+        return False
+    with slicer.util.WaitCursor():
+        if torchLogic is not None and not torchLogic.torchInstalled():
+            # picks the build that matches the NVIDIA driver (a CPU build without one)
+            if torchLogic.installTorch(askConfirmation=False,
+                                       torchVersionRequirement=f">={TORCH_MINIMUM}") is None:
                 slicer.util.errorDisplay("PyTorch was not installed; detection and training "
                                          "need it.")
                 return False
-    elif _versionTuple(version) < _versionTuple(TORCH_MINIMUM):
-        slicer.util.errorDisplay(
-            f"PyTorch {version} is installed; Emphysema UAD needs {TORCH_MINIMUM} or newer. "
-            "Open the 'PyTorch Utils' module, uninstall PyTorch, restart Slicer and install it "
-            f"again with the version requirement '>={TORCH_MINIMUM}'.")
-        return False
-    missing = [requirement for module, requirement in PIP_REQUIREMENTS.items()
-               if importlib.util.find_spec(module) is None]
-    if missing:
-        if not slicer.util.confirmOkCancelDisplay(
-                f"Emphysema UAD needs these Python packages: {', '.join(missing)}. "
-                "Install them now into Slicer's Python (a few minutes)?",
-                "Missing Python packages"):
-            return False
-        with slicer.util.WaitCursor():
-            for requirement in missing:
-                slicer.util.pip_install(requirement)
+        if missing:
+            pydeps = _pydeps()
+            if pydeps is not None:  # Slicer 5.11+: checks and installs the file's lines
+                pydeps.pip_ensure(pydeps.load_requirements(str(REQUIREMENTS_FILE)),
+                                  requester="Emphysema UAD")
+            else:
+                slicer.util.pip_install(" ".join(missing))
     return True
+
+
+def _pydeps():
+    """slicer.pydeps where this Slicer has it (5.11 and later), else None."""
+    try:
+        import slicer.pydeps as pydeps
+    except ImportError:
+        return None
+    return pydeps if hasattr(pydeps, "pip_ensure") and hasattr(pydeps, "load_requirements") \
+        else None
+
+
+_TORCH_CUDA = {}  # torch version -> whether it can use CUDA (asked in a worker Python)
 
 
 # --- logic ------------------------------------------------------------------------------------
@@ -194,8 +273,8 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def modelPath(parameters) -> Optional[str]:
         """The checkpoint to use; None for the bundled model."""
-        from EmphysemaUADLib.detection import default_model_path
         from EmphysemaUADLib.errors import InputError
+        from EmphysemaUADLib.modelinfo import default_model_path
 
         if parameters.modelSource == MODEL_SOURCES[0]:
             if not default_model_path().is_file():
@@ -207,6 +286,36 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
             raise InputError(f"{path}: no such checkpoint file; choose a .pt file or the "
                              "bundled model.")
         return str(path)
+
+    @staticmethod
+    def chosenModelFile(parameters) -> Optional[Path]:
+        """The model file the panel points at (bundled or chosen), without checks."""
+        from EmphysemaUADLib.modelinfo import default_model_path
+
+        if parameters.modelSource == MODEL_SOURCES[0]:
+            return default_model_path()
+        return Path(parameters.modelPath) if _chosen(parameters.modelPath) else None
+
+    @classmethod
+    def thresholdChoice(cls, parameters):
+        """modelinfo.ThresholdChoice: the model's threshold unless the user chose one."""
+        from EmphysemaUADLib.modelinfo import model_config, threshold_choice
+
+        return threshold_choice(parameters.useModelThreshold, parameters.threshold,
+                                model_config(cls.chosenModelFile(parameters)))
+
+    @staticmethod
+    def totalSegmentatorLogic():
+        """The TotalSegmentator extension's logic; None when it is not installed."""
+        if not hasattr(slicer.modules, TOTALSEGMENTATOR_MODULE.lower()):
+            return None
+        return slicer.util.getModuleLogic(TOTALSEGMENTATOR_MODULE)
+
+    @staticmethod
+    def computeLobes(ctNode, totalSegmentatorLogic):
+        from EmphysemaUADLib import mrml
+
+        return mrml.lobes_with_totalsegmentator(totalSegmentatorLogic, ctNode)
 
     def detect(self, ctNode, lobesNode=None, modelPath=None, threshold=None, device="auto",
                outputs=(None, None, None), progress=None):
@@ -245,8 +354,9 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         import shutil
 
         from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.process import detect_case_dir
 
-        case = Path(folder) / "out" / Path(mrml.DETECTION_CASE_FILE).name.split(".")[0]
+        case = detect_case_dir(Path(folder) / mrml.DETECTION_CASE_FILE, Path(folder) / "out")
         try:
             return mrml.detection_outputs_to_nodes(case, ctNode, *outputs)
         finally:
@@ -255,23 +365,22 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def startTraining(parameters):
         from EmphysemaUADLib.errors import InputError
-        from EmphysemaUADLib.process import BackgroundProcess
+        from EmphysemaUADLib.process import BackgroundProcess, train_args, training_outputs
 
         data, output = Path(parameters.trainData), Path(parameters.trainOutput)
+        last = training_outputs(output)[0]
         if not _chosen(parameters.trainData) or not data.is_dir():
             raise InputError(f"{data}: choose the folder of healthy CTs to train on.")
         if not _chosen(parameters.trainOutput):
             raise InputError("choose an output folder for the trained model.")
-        if parameters.resume and not (output / "last.pt").is_file():
+        if parameters.resume and not last.is_file():
             raise InputError(f"{output}: holds no last.pt to resume from; untick Resume.")
-        if not parameters.resume and (output / "last.pt").is_file():
+        if not parameters.resume and last.is_file():
             raise InputError(f"{output}: already holds a training run (last.pt); tick Resume "
                              "to continue it, or choose another output folder.")
-        args = ["train", data, "--output", output, "--epochs", parameters.epochs,
-                "--width", parameters.width, "--batch-size", parameters.batchSize,
-                "--device", parameters.trainDevice]
-        args += ["--resume"] if parameters.resume else []
-        return BackgroundProcess.cli(args).start()
+        return BackgroundProcess.cli(train_args(
+            data, output, parameters.epochs, parameters.width, parameters.batchSize,
+            parameters.trainDevice, parameters.resume)).start()
 
 
 # --- widget -----------------------------------------------------------------------------------
@@ -287,8 +396,11 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.detectFolder = None
         self.detectInput = None
         self.trainProcess = None
+        self.trainOutput = None
         self.trainedModel = None
         self.dicomExportDialog = None
+        self._modelShown = None
+        self.detectThresholdText = ""
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -314,7 +426,11 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
         self.ui.refreshDevicesButton.connect("clicked(bool)",
-                                             lambda: self.refreshDeviceInfo(force=True))
+                                             lambda: self.refreshDeviceInfo(force=True,
+                                                                            probeTorch=True))
+        self.ui.totalSegmentatorButton.connect("clicked(bool)", self.onComputeLobes)
+        self.ui.modelInfoLabel.connect("linkActivated(QString)",
+                                       lambda url: qt.QDesktopServices.openUrl(qt.QUrl(url)))
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -335,7 +451,24 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event):
+        # a background detection belongs to the closing scene: stop it and drop its files
+        # (its finish handler would use the removed input and parameter node)
+        self.cancelDetectionForSceneClose()
         self.setParameterNode(None)
+
+    def cancelDetectionForSceneClose(self):
+        import shutil
+
+        process, folder = self.detectProcess, self.detectFolder
+        self.detectProcess = self.detectFolder = self.detectInput = None
+        if process is None:
+            return
+        process.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+        self.ui.detectProgressBar.setValue(0)
+        self.ui.detectStatusLabel.setText("Detection cancelled: the scene was closed.")
+        if self.trainProcess is None:
+            self.timer.stop()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -378,25 +511,69 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from EmphysemaUADLib.mrml import came_from_dicom
             from_dicom = came_from_dicom(p.inputVolume)
         self.ui.exportDicomSegButton.enabled = from_dicom
+        self.ui.totalSegmentatorButton.enabled = bool(p and p.inputVolume)
+        self.updateThreshold()
         self.refreshDeviceInfo()
 
+    def updateThreshold(self):
+        """Which threshold applies (the model's unless unticked), shown under the slider;
+        the slider shows the model's while it applies; and the model's summary line."""
+        p = self._parameterNode
+        if not p:
+            return
+        from EmphysemaUADLib.modelinfo import model_config, model_threshold
+
+        self.ui.thresholdSlider.enabled = not p.useModelThreshold
+        choice = self.logic.thresholdChoice(p)
+        self.ui.thresholdInfoLabel.setText(choice.text)
+        modelFile = self.logic.chosenModelFile(p)
+        config = model_config(modelFile)
+        modelValue = model_threshold(config)
+        if p.useModelThreshold and modelValue is not None and \
+                abs(p.threshold - modelValue) > 1e-6 and 0.01 <= modelValue <= 0.99:
+            p.threshold = modelValue  # shown on the slider; Modified calls back here once
+        if modelFile != self._modelShown:
+            self._modelShown = modelFile
+            self.ui.modelInfoLabel.setText(self.modelSummaryText(modelFile, config))
+
+    @staticmethod
+    def modelSummaryText(modelFile, config) -> str:
+        from EmphysemaUADLib.modelinfo import NOT_A_DEVICE, model_card_path, model_summary
+
+        if modelFile is None or not Path(modelFile).is_file():
+            return NOT_A_DEVICE
+        text = model_summary(modelFile, config)
+        card = model_card_path(modelFile)
+        if card is not None:
+            text += f' <a href="{qt.QUrl.fromLocalFile(str(card)).toString()}">Model card</a>'
+        return text
+
     # --- devices ------------------------------------------------------------------------
-    def refreshDeviceInfo(self, force=False):
+    def refreshDeviceInfo(self, force=False, probeTorch=False):
         """The Device lines: what the chosen device runs on, with the GPU's name and free
-        memory. Looked up in a thread (nvidia-smi, and a first torch import, take a moment)
-        and shown when ready; only again when a device choice changed, or when forced."""
+        memory. Looked up in a thread and shown when ready; only again when a device choice
+        changed, or when forced. GPUs come from nvidia-smi; whether torch can use CUDA from a
+        worker Python (never an import here), asked once per torch version or on Refresh."""
         p = self._parameterNode
         wanted = (p.device, p.trainDevice) if p else ("auto", "auto")
         if wanted == self._devicesShown and not force:
             return
         self._devicesShown = wanted
         from EmphysemaUADLib import devices
+        from EmphysemaUADLib.process import torch_sees_cuda_in_worker
 
         result = {}
 
         def probe():
             try:
-                gpus, cuda = devices.nvidia_gpus() or [], devices.torch_sees_cuda()
+                version = _torchVersion()
+                if version is None:
+                    cuda = None
+                elif probeTorch or version not in _TORCH_CUDA:
+                    cuda = _TORCH_CUDA[version] = torch_sees_cuda_in_worker()
+                else:
+                    cuda = _TORCH_CUDA[version]
+                gpus = devices.nvidia_gpus() or []
                 result["texts"] = [devices.describe(d, gpus, cuda) for d in wanted]
             except Exception as exc:  # a broken driver or torch must not break the panel
                 result["texts"] = [f"Could not check the devices: {exc}"] * 2
@@ -428,19 +605,41 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             modelPath = self.logic.modelPath(p)
+            choice = self.logic.thresholdChoice(p)
+            threshold = choice.value  # None: the model's own, read from its checkpoint
+            self.detectThresholdText = choice.text
             self.ui.detectStatusLabel.setText("Starting...")
             self.ui.detectProgressBar.setValue(0)
             if p.runInBackground:
                 self.detectInput = p.inputVolume
                 self.detectProcess, self.detectFolder = self.logic.startBackgroundDetection(
-                    p.inputVolume, p.lobes, modelPath, p.threshold, p.device)
+                    p.inputVolume, p.lobes, modelPath, threshold, p.device)
                 self.timer.start()
                 self.updateButtons()
                 return
             progress = SlicerProgress(self.ui.detectProgressBar, self.ui.detectStatusLabel)
-            nodes = self.logic.detect(p.inputVolume, p.lobes, modelPath, p.threshold,
+            nodes = self.logic.detect(p.inputVolume, p.lobes, modelPath, threshold,
                                       p.device, self._outputs(), progress)
             self.showResults(p.inputVolume, nodes)
+
+    def onComputeLobes(self):
+        """Lobes from the TotalSegmentator extension into the Lobes selector; without the
+        extension, how to get it."""
+        logic = self.logic.totalSegmentatorLogic()
+        if logic is None:
+            slicer.util.infoDisplay(
+                "Lobes can be computed with the 'TotalSegmentator' extension: install it with "
+                "the Extensions Manager (View > Extensions Manager, search TotalSegmentator), "
+                "restart Slicer, then press this button again. Or load a lobe segmentation "
+                "and choose it as Lobes.", windowTitle="TotalSegmentator not installed")
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Lobes could not be computed.", waitCursor=True):
+            self.ui.detectStatusLabel.setText("Computing lobes with TotalSegmentator "
+                                              "(minutes)...")
+            slicer.app.processEvents()
+            p.lobes = self.logic.computeLobes(p.inputVolume, logic)
+            self.ui.detectStatusLabel.setText("Lobes computed with TotalSegmentator.")
 
     def onCancelDetect(self):
         if self.detectProcess is not None:
@@ -462,13 +661,20 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if whole.GetNumberOfRows() else float("nan")
         self.ui.detectProgressBar.setValue(100)
         self.ui.detectStatusLabel.setText(f"Whole lung: stage {stage or 'n/a'}, emphysema "
-                                          f"index {index:.2f} %.")
+                                          f"index {index:.2f} %. {self.detectThresholdText}")
         self.updateButtons()
 
     def finishBackgroundDetection(self):
         process, folder, ctNode = self.detectProcess, self.detectFolder, self.detectInput
         self.detectProcess = self.detectFolder = self.detectInput = None
-        if process.returncode == 0:
+        gone = self._parameterNode is None or ctNode is None or \
+            not slicer.mrmlScene.IsNodePresent(ctNode)
+        if process.returncode == 0 and gone:  # the input was removed while it ran
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+            self.ui.detectStatusLabel.setText("Detection finished, but its input CT is no "
+                                              "longer in the scene; nothing was loaded.")
+        elif process.returncode == 0:
             with slicer.util.tryWithErrorDisplay("Could not load the detection results.",
                                                  waitCursor=True):
                 self.showResults(ctNode, self.logic.backgroundDetectionNodes(
@@ -495,6 +701,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainLogTextEdit.clear()
             self.ui.trainProgressBar.setValue(0)
             self.trainProcess = self.logic.startTraining(self._parameterNode)
+            self.trainOutput = Path(self._parameterNode.trainOutput)
             self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
             self.ui.trainStatusLabel.setText("Reading the healthy CTs...")
             self.timer.start()
@@ -526,12 +733,13 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           f"{' '.join(f'{k}={v}' for k, v in fields.items())}".rstrip())
 
     def finishTraining(self):
+        from EmphysemaUADLib.process import training_outputs
+
         process, self.trainProcess = self.trainProcess, None
-        output = Path(self._parameterNode.trainOutput)
         code = process.returncode
-        last = output / "last.pt"
-        if code == 0 and (output / "best.pt").is_file():
-            self.trainedModel = output / "best.pt"
+        last, best = training_outputs(self.trainOutput)
+        if code == 0 and best.is_file():
+            self.trainedModel = best
             self.ui.trainProgressBar.setValue(100)
             self.ui.trainStatusLabel.setText(f"Training finished: {self.trainedModel}")
             if slicer.util.confirmYesNoDisplay("Training finished. Use the new model in the "
@@ -542,7 +750,8 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.trainStatusLabel.setText(
                     f"Training cancelled. {last} holds the run: tick 'Resume' and start again "
                     "to continue it.")
-                self._parameterNode.resume = True
+                if self._parameterNode:
+                    self._parameterNode.resume = True
             else:  # stopped before the first step: nothing to resume
                 self.ui.trainStatusLabel.setText("Training cancelled before its first step.")
         else:
@@ -641,18 +850,58 @@ def formatDuration(seconds) -> str:
 # --- self-test --------------------------------------------------------------------------------
 class EmphysemaUADTest(ScriptedLoadableModuleTest):
     """The whole flow on a synthetic phantom inside Slicer (run by the Extensions Index builds
-    and by Reload and Test): a tiny untrained model, in-process and background detection,
-    result nodes on the input's grid under its study, exports and their reload, a short
-    training cancelled to a resumable last.pt."""
+    as a ctest, and by Reload and Test): the result nodes, titles and terminology without
+    torch; then, where PyTorch and the library's packages are installed, a tiny untrained
+    model, in-process and background detection, exports and their reload, a short training
+    cancelled to a resumable last.pt. It never installs anything: on a build machine without
+    torch those parts are skipped with the reason in the log."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_result_nodes_without_torch()
+        torchMissing, missing = missingDependencies()
+        if torchMissing or missing:
+            reason = ("skipped the detection and training tests: "
+                      + ", ".join((["PyTorch"] if torchMissing else []) + missing)
+                      + " not installed in this Slicer (the self-test installs nothing)")
+            logging.warning(f"EmphysemaUADTest: {reason}")
+            self.delayDisplay(reason.capitalize())
+            return
+        self.setUp()
         self.test_detection_flow()
         self.setUp()
         self.test_training_cancel_is_resumable()
+
+    def test_result_nodes_without_torch(self):
+        import numpy as np
+
+        from EmphysemaUADLib import mrml
+        from EmphysemaUADLib.measurements import Measurements
+
+        self.delayDisplay("Result nodes without torch")
+        ctNode = self._phantomNode()
+        ct = mrml.volume_from_node(ctNode)
+        anomaly = np.zeros(ct.shape, np.float32)
+        anomaly[ct.shape[0] // 2, 40:50, 30:40] = 0.9
+        emphysema = (anomaly > 0.5).astype(np.uint8)
+        rows = [{"region": "whole lung", "volume_ml": 1.0, "emphysema_index_percent": 2.0,
+                 "laa950_percent": 1.0, "perc15_hu": -900.0, "mean_anomaly": 0.1,
+                 "stage": "Mild", "stage_probabilities": {"Mild": 1.0}}]
+        nodes = mrml.arrays_to_nodes(ctNode, emphysema, anomaly, Measurements.from_dicts(rows),
+                                     "zones")
+        self.assertTrue(np.array_equal(mrml.segment_array(nodes.segmentation, ctNode),
+                                       emphysema))
+        self.assertEqual(nodes.table.GetColumnTitle("emphysema_index_percent"),
+                         "Emphysema index")
+        self.assertEqual(nodes.table.GetColumnUnitLabel("emphysema_index_percent"), "%")
+        segment = nodes.segmentation.GetSegmentation().GetNthSegment(0)
+        entry = vtk.reference("")
+        self.assertTrue(segment.GetTag(mrml.TERMINOLOGY_TAG, entry))
+        self.assertIn("87433001", str(entry))
+        self.assertIn(mrml.TERMINOLOGY_CONTEXT, str(entry))
 
     def _phantomNode(self):
         from EmphysemaUADLib import mrml
@@ -689,7 +938,6 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
         from EmphysemaUADLib import mrml
 
         self.delayDisplay("Detection on a phantom")
-        self.assertTrue(ensureDependencies())
         logic = EmphysemaUADLogic()
         ctNode = self._phantomNode()
         sh = slicer.mrmlScene.GetSubjectHierarchyNode()

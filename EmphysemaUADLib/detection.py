@@ -18,28 +18,12 @@ from .errors import InputError, setting_error
 from .inference import predict_anomaly
 from .lungs import segment_lungs
 from .measurements import Measurements, RegionMeasurements, measure, region_masks
+# the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
+from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
 from .progress import NO_PROGRESS, Progress
 from .regions import ZONES, lung_zones, read_regions
 from .staging import Staging
 from .volume_io import Volume
-
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MODEL_NAME = "edlnet_default.pt"
-
-
-def default_model_path() -> Path:
-    """The bundled model: Resources/Models in a source checkout or Slicer install, or the
-    package data of a pip install."""
-    source_tree = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-    if (source_tree / DEFAULT_MODEL_NAME).is_file():
-        return source_tree / DEFAULT_MODEL_NAME
-    from importlib.resources import files
-    try:
-        return Path(str(files("EmphysemaUADLib.models") / DEFAULT_MODEL_NAME))
-    except ModuleNotFoundError:
-        # no pip install (e.g. inside Slicer) and no bundled model: the path where it would
-        # be, so that loading says which file is missing
-        return source_tree / DEFAULT_MODEL_NAME
 
 
 @dataclass

@@ -19,7 +19,7 @@ from vtk.util import numpy_support
 
 from .errors import InputError
 from .atomic import atomic_path
-from .measurements import COLUMNS, Measurements
+from .measurements import COLUMN, COLUMNS, Measurements
 from .regions import LOBES, lobe_from_name, lobe_mapping, relabel
 from .staging import STAGES
 from .volume_io import Geometry, Volume, looks_like_hu, write_volume
@@ -265,8 +265,12 @@ class OutputNodes:
 # vtkSlicerTerminologyEntry setters or vtkSegment.SetTerminology: Slicer 5.6 has neither
 # SetRegionContextName nor SetTerminology (later versions renamed and added them), while the
 # string and the tag are read the same way by every Slicer 5.x and by its DICOM SEG export.
+# The context is that of the module's own terminology file
+# (EmphysemaUAD/Resources/Terminology/EmphysemaUAD.term.json, loaded at Slicer's start): the
+# DICOM master list that Slicer ships does not hold 87433001.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - Emphysema UAD"
 EMPHYSEMA_TERMINOLOGY = (
-    "Segmentation category and type - DICOM master list"
+    TERMINOLOGY_CONTEXT +
     "~SCT^49755003^Morphologically Altered Structure"
     "~SCT^87433001^Pulmonary emphysema"
     "~^^"
@@ -304,6 +308,19 @@ def _fill_segmentation(node, emphysema: np.ndarray, ct_node) -> None:
         node.CreateDefaultDisplayNodes()
 
 
+def column_header(name: str) -> tuple[str, str, str]:
+    """(title, unit, description) of a table column: measurements.COLUMNS, or a stage's
+    probability (p_<stage>)."""
+    if name in COLUMN:
+        column = COLUMN[name]
+        return column.title, column.unit, column.description
+    for stage in STAGES:
+        if name == f"p_{stage.lower()}":
+            return (f"P({stage})", "",
+                    f"Probability that the region's stage is {stage}, 0 to 1.")
+    raise KeyError(name)
+
+
 def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
     table = node.GetTable()
     table.Initialize()
@@ -321,6 +338,10 @@ def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
             else:
                 array.InsertNextValue(np.nan if value is None else float(value))
         table.AddColumn(array)
+        title, unit, description = column_header(name)
+        node.SetColumnTitle(name, title)
+        node.SetColumnUnitLabel(name, unit)
+        node.SetColumnDescription(name, description)
     node.SetAttribute("EmphysemaUAD.RegionKind", region_kind)
     node.SetUseColumnTitleAsColumnHeader(True)
     node.Modified()
@@ -448,3 +469,37 @@ def save_table_csv(table_node, path) -> Path:
 def _cell(variant) -> str:
     text = variant.ToString()
     return "" if text.lower() == "nan" else text
+
+
+# --- lobes from the TotalSegmentator extension ---------------------------------------------
+# TotalSegmentator's class names of the five lobes (task "total")
+TOTALSEGMENTATOR_LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left",
+                          "lung_upper_lobe_right", "lung_middle_lobe_right",
+                          "lung_lower_lobe_right")
+
+
+def lobes_with_totalsegmentator(logic, ct_node, segmentation=None, fast: bool = False,
+                                cpu: bool = False):
+    """Lobes of the CT from the TotalSegmentator extension's logic (its `process(inputVolume,
+    outputSegmentation, fast, cpu, task, subset)`), into `segmentation` (made when None);
+    checked to hold the five lobes by name, as the Lobes selector reads them. Returns the
+    segmentation node."""
+    scene = ct_node.GetScene()
+    made = segmentation is None
+    if made:
+        segmentation = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{ct_node.GetName()} lobes"))
+    try:
+        logic.process(ct_node, segmentation, fast=fast, cpu=cpu, task="total",
+                      subset=list(TOTALSEGMENTATOR_LOBES))
+        legend = regions_from_node(segmentation, ct_node)[1]
+        if len(legend) < len(LOBES):
+            missing = sorted(set(LOBES.values()) - set(legend.values()))
+            raise InputError(f"TotalSegmentator found no {', '.join(missing)} in "
+                             f"{ct_node.GetName()}; check that the CT covers both lungs.")
+    except Exception:
+        if made:
+            scene.RemoveNode(segmentation)
+        raise
+    place_under_study([segmentation], ct_node)
+    return segmentation

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -63,15 +64,95 @@ def cli_command(args: list[str], python: str | None = None) -> list[str]:
             "--progress", "json"]
 
 
+# The worker's arguments and where it writes are built here only, for the GUI and its tests.
 def detect_args(ct, output_dir, lobes=None, model=None, threshold=None,
                 device: str = "auto") -> list[str]:
     """Arguments of `emphysema-uad detect` for one CT file (the case folder in `output_dir`
-    is named after the file)."""
+    is named after the file: `detect_case_dir`). `threshold` None: the model's own."""
     args = ["detect", str(ct), "--output-dir", str(output_dir), "--device", device]
     args += ["--lobes", str(lobes)] if lobes else []
     args += ["--model", str(model)] if model else []
     args += ["--threshold", str(threshold)] if threshold is not None else []
     return args
+
+
+def detect_case_dir(ct, output_dir) -> Path:
+    """The folder `detect` writes the case of the CT file `ct` to."""
+    from .volume_io import case_name
+
+    return Path(output_dir) / case_name(Path(ct))
+
+
+def train_args(data, output, epochs: int, width: int, batch_size: int, device: str = "auto",
+               resume: bool = False) -> list[str]:
+    """Arguments of `emphysema-uad train`."""
+    args = ["train", str(data), "--output", str(output), "--epochs", str(int(epochs)),
+            "--width", str(int(width)), "--batch-size", str(int(batch_size)),
+            "--device", device]
+    return args + (["--resume"] if resume else [])
+
+
+def training_outputs(output) -> tuple[Path, Path]:
+    """(last.pt: the run to resume, best.pt: the model to use) in a training's folder."""
+    return Path(output) / "last.pt", Path(output) / "best.pt"
+
+
+# --- the worker's environment, checked without importing torch ------------------------------
+def parse_requirements(text: str) -> list[tuple[str, str | None]]:
+    """(distribution name, minimum version or None) of each `name>=version` line of a
+    requirements file; comments and blank lines are skipped."""
+    found = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:>=\s*([0-9][0-9.]*))?", line)
+        if not match:
+            raise ValueError(f"requirement {line!r}: only 'name' or 'name>=version' is "
+                             "supported")
+        found.append((match.group(1), match.group(2)))
+    return found
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def missing_requirements(text: str) -> list[str]:
+    """The requirements of a requirements file that this Python lacks or has too old."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = []
+    for name, minimum in parse_requirements(text):
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or (minimum and _version_tuple(installed) < _version_tuple(minimum)):
+            missing.append(f"{name}>={minimum}" if minimum else name)
+    return missing
+
+
+PROBE_CUDA = "import json, torch; print(json.dumps(bool(torch.cuda.is_available())))"
+
+
+def torch_sees_cuda_in_worker(python: str | None = None, timeout_s: float = 120.0):
+    """Whether PyTorch can use CUDA, asked in a separate Python (the worker's) so that the
+    caller never imports torch; None when torch is missing or the probe fails."""
+    try:
+        done = subprocess.run([python or python_executable(), "-c", PROBE_CUDA],
+                              capture_output=True, text=True, timeout=timeout_s, check=False,
+                              stdin=subprocess.DEVNULL,
+                              creationflags=subprocess.CREATE_NO_WINDOW if _WINDOWS else 0)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return None
+    try:
+        return bool(json.loads(lines[-1]))
+    except ValueError:
+        return None
 
 
 class BackgroundProcess:

@@ -124,3 +124,71 @@ def test_extension_metadata():
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) \
         == (128, 128)
+
+
+# The Extensions Index's description checks (Slicer/ExtensionsIndex,
+# scripts/check_description_files.py: ACCEPTED_EXTENSION_CATEGORIES, check_category,
+# check_scm_url_syntax, check_git_repository_name, check_cmakelists_content,
+# check_license_file), as of 2025. Update from there when the Index adds categories.
+ACCEPTED_EXTENSION_CATEGORIES = (
+    "Active Learning", "Analysis", "Auto3dgm", "BigImage", "Cardiac", "Chest Imaging Platform",
+    "Conda", "Converters", "DICOM", "DSCI", "Developer Tools", "Diffusion", "Examples",
+    "Exporter", "FTV Segmentation", "Filtering", "Filtering.Morphology",
+    "Filtering.Vesselness", "Holographic Display", "IGT", "Informatics", "Netstim",
+    "Neuroimaging", "Nuclear Medicine", "Orthodontics", "Osteotomy Planning", "Otolaryngology",
+    "Photogrammetry", "Pipelines", "Planning", "Printing", "Quantification", "Radiotherapy",
+    "Registration", "Remote", "Rendering", "SPHARM", "Segmentation", "Sequences",
+    "Shape Analysis", "Shape Regression", "Shape Visualization", "Simulation", "SlicerCMF",
+    "SlicerMorph", "Spectral Imaging", "Supervisely", "Surface Models", "SurfaceLearner",
+    "Tomographic Reconstruction", "Tracking", "Tractography", "Training", "Ultrasound",
+    "Utilities", "Vascular Modeling Toolkit", "Virtual Reality", "VisSimTools",
+    "Web System Tools", "Wizards",
+)
+
+
+def top_setting(name: str) -> str:
+    match = re.search(rf'set\({name}\s+"([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text())
+    assert match, f"{name} is not set in CMakeLists.txt"
+    return match.group(1)
+
+
+def module_categories() -> list:
+    import ast
+
+    tree = ast.parse((MODULE_DIR / "EmphysemaUAD.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == \
+                "self.parent.categories":
+            return ast.literal_eval(node.value)
+    raise AssertionError("parent.categories is not set in EmphysemaUAD.py")
+
+
+def test_category_is_one_the_index_accepts_in_cmake_and_module():
+    category = top_setting("EXTENSION_CATEGORY")
+    assert category in ACCEPTED_EXTENSION_CATEGORIES, category
+    assert module_categories() == [category]
+
+
+def test_index_description_checks():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    # check_cmakelists_content: the project name is the extension's name
+    assert re.findall(r"project\s*\(\s*([^\s\)]+)", text, re.I)[0] == "EmphysemaUAD"
+    for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert all(url.startswith("https://") for url in top_setting(name).split())
+    # check_scm_url_syntax and check_git_repository_name (the homepage is the repository)
+    homepage = top_setting("EXTENSION_HOMEPAGE")
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", homepage)
+    assert "slicer" in homepage.rsplit("/", 1)[1].lower()
+    # check_license_file
+    assert (ROOT / "LICENSE").is_file()
+    # contributors in the Index's "Name (Organisation)" form, comma separated
+    for contributor in top_setting("EXTENSION_CONTRIBUTORS").split(","):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor.strip()), contributor
+
+
+def test_self_test_is_registered_for_index_builds():
+    text = cmake_text()
+    assert re.search(r"if\(\s*BUILD_TESTING\s*\)\s*slicer_add_python_unittest\(\s*SCRIPT\s+"
+                     r"\$\{MODULE_NAME\}\.py\s*\)\s*endif\(\)", text)
+    assert "class EmphysemaUADTest(ScriptedLoadableModuleTest)" in \
+        (MODULE_DIR / "EmphysemaUAD.py").read_text()

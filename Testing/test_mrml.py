@@ -388,3 +388,107 @@ def test_background_detection_nodes_equal_the_cli_files(app, tmp_path):
     assert rows == [(row["region"], row["stage"] or "") for row in report["regions"]]
     assert {name for name, _ in rows} >= {"whole lung", "right upper lobe", "left lower lobe"}
     assert out.table.GetAttribute("EmphysemaUAD.RegionKind") == "lobes"
+
+
+def test_table_columns_have_titles_units_and_descriptions(app):
+    """The table shows "Emphysema index" with its unit, not the key; the keys stay the
+    column names (CSV export, report.json) and every header comes from measurements.COLUMNS."""
+    from EmphysemaUADLib.measurements import COLUMNS
+    from EmphysemaUADLib.staging import STAGES
+
+    ct_node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    nodes = mrml.result_to_nodes(fake_result(mrml.volume_from_node(ct_node)), ct_node)
+    table = nodes.table
+    names = [table.GetTable().GetColumnName(c)
+             for c in range(table.GetTable().GetNumberOfColumns())]
+    assert names == [c.key for c in COLUMNS] + [f"p_{s.lower()}" for s in STAGES]
+    for column in COLUMNS:
+        assert table.GetColumnTitle(column.key) == column.title
+        assert table.GetColumnUnitLabel(column.key) == column.unit
+        assert table.GetColumnDescription(column.key) == column.description
+    assert table.GetColumnTitle("emphysema_index_percent") == "Emphysema index"
+    assert table.GetColumnUnitLabel("perc15_hu") == "HU"
+    assert table.GetColumnTitle("p_mild") == "P(Mild)"
+    assert "Mild" in table.GetColumnDescription("p_mild")
+    assert table.GetUseColumnTitleAsColumnHeader()
+
+
+def test_segment_terminology_names_the_shipped_terminology_file(app):
+    import json
+
+    term = json.loads((Path(__file__).resolve().parents[1] / "EmphysemaUAD" / "Resources"
+                       / "Terminology" / "EmphysemaUAD.term.json").read_text())
+    assert term["SegmentationCategoryTypeContextName"] == mrml.TERMINOLOGY_CONTEXT
+    category = term["SegmentationCodes"]["Category"][0]
+    kind = category["Type"][0]
+    fields = mrml.EMPHYSEMA_TERMINOLOGY.split("~")
+    assert fields[0] == mrml.TERMINOLOGY_CONTEXT
+    assert fields[1] == f"SCT^{category['CodeValue']}^{category['CodeMeaning']}"
+    assert fields[2] == f"SCT^{kind['CodeValue']}^{kind['CodeMeaning']}" \
+        == "SCT^87433001^Pulmonary emphysema"
+    assert tuple(round(c / 255, 2) for c in kind["recommendedDisplayRGBValue"]) == \
+        mrml.EMPHYSEMA_COLOR
+
+
+class StandInTotalSegmentator:
+    """What the TotalSegmentator extension's logic does to the output segmentation (segments
+    named by its terminology, e.g. "left upper lobe of lung"), without the network."""
+
+    NAMES = {"lung_upper_lobe_left": "upper lobe of left lung",
+             "lung_lower_lobe_left": "lower lobe of left lung",
+             "lung_upper_lobe_right": "upper lobe of right lung",
+             "lung_middle_lobe_right": "middle lobe of right lung",
+             "lung_lower_lobe_right": "lower lobe of right lung"}
+
+    def __init__(self, labels, skip=()):
+        self.labels, self.skip, self.calls = labels, set(skip), []
+
+    def process(self, inputVolume, outputSegmentation, fast=True, cpu=False, task=None,
+                subset=None):
+        self.calls.append({"fast": fast, "cpu": cpu, "task": task, "subset": subset})
+        outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        m = vtk.vtkMatrix4x4()
+        inputVolume.GetIJKToRASMatrix(m)
+        for value, name in enumerate(subset, start=1):
+            if name in self.skip:
+                continue
+            mask = (self.labels == value).astype(np.uint8)
+            image = slicer.vtkOrientedImageData()
+            image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+            image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
+            image.SetImageToWorldMatrix(m)
+            outputSegmentation.AddSegmentFromBinaryLabelmapRepresentation(
+                image, self.NAMES[name], (1, 0, 0))
+
+
+def _five_lobes(shape):
+    labels = np.zeros(shape, np.uint8)
+    labels[2:-2, 8:-8, 26:-8] = 1  # left upper (image x: left lung on the right side)
+    labels[12:-2, 8:-8, 26:-8] = 2
+    labels[2:8, 8:-8, 8:22] = 3
+    labels[8:14, 8:-8, 8:22] = 4
+    labels[14:-2, 8:-8, 8:22] = 5
+    return labels
+
+
+def test_lobes_with_totalsegmentator_feed_the_lobes_selector(app):
+    ct_node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    logic = StandInTotalSegmentator(_five_lobes(chest_like().shape))
+    segmentation = mrml.lobes_with_totalsegmentator(logic, ct_node)
+    assert logic.calls == [{"fast": False, "cpu": False, "task": "total",
+                            "subset": list(mrml.TOTALSEGMENTATOR_LOBES)}]
+    regions, legend = mrml.regions_from_node(segmentation, ct_node)
+    assert sorted(legend.values()) == sorted(LOBES.values())
+    assert regions.shape == chest_like().shape
+    assert segmentation.GetName() == "CT lobes"
+
+
+def test_lobes_with_totalsegmentator_missing_a_lobe_is_explained(app):
+    ct_node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    logic = StandInTotalSegmentator(_five_lobes(chest_like().shape),
+                                    skip={"lung_middle_lobe_right"})
+    before = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(InputError, match="right middle lobe"):
+        mrml.lobes_with_totalsegmentator(logic, ct_node)
+    # the segmentation made for the failed run is not left behind
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
