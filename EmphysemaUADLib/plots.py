@@ -16,7 +16,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .atomic import atomic_path
 
 DPI = 100
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#e377c2",
@@ -33,10 +32,13 @@ def new_figure(width_in: float = 7.0, height_in: float = 5.0, panels: int = 1):
 
 
 def save_figure(fig: Figure, path) -> Path:
-    """The figure as PNG at `path`, written whole then renamed."""
-    with atomic_path(path) as temp:
-        fig.savefig(temp, format="png", dpi=DPI, facecolor="white")
-    return Path(path)
+    """The figure as an RGB PNG at `path` (white background), written whole then renamed."""
+    from .render import save_png
+
+    fig.set_dpi(DPI)
+    fig.set_facecolor("white")
+    fig.canvas.draw()
+    return save_png(np.asarray(fig.canvas.buffer_rgba())[..., :3], path)
 
 
 def lines(ax, series, title: str, x_label: str, y_label: str, x_range=None, y_range=None,
