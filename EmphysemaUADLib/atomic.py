@@ -75,3 +75,60 @@ def replace_folder(folder, final) -> Path:
         shutil.rmtree(final)
     os.replace(folder, final)
     return final
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(folder: Path, target: Path) -> None:
+    """Create and remove one file in `folder`: the only sure test that writing works there
+    (permissions, read-only or immutable folders, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        from .errors import InputError
+        raise InputError(f"{target}: cannot write there ({exc.strerror or exc} in "
+                         f"{folder}); choose another output location.") from None
+
+
+def check_output_folder(path) -> Path:
+    """Raise InputError unless `path` is, or can become, a folder that files can be written
+    into. Creates nothing."""
+    from .errors import InputError
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: is a file, not a folder; the output must name a folder.")
+    existing = _nearest_existing(target)
+    if not existing.is_dir():
+        raise InputError(f"{target}: cannot be created, {existing} is a file, not a folder.")
+    _probe(existing, target)
+    return target
+
+
+def check_output_file(path) -> Path:
+    """Raise InputError unless a file can be written at `path`. Creates nothing."""
+    from .errors import InputError
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder; the output must name a file, e.g. "
+                         f"{target / 'out.nii.gz'}.")
+    if str(path).endswith(("/", os.sep)):
+        raise InputError(f"{target}: names a folder; the output must name a file.")
+    check_output_folder(target.parent if str(target.parent) else Path("."))
+    return target
+
+
+def write_failure(exc: OSError, path=None) -> str:
+    """One line for a failed write (disk full, read-only file system, permissions)."""
+    import errno
+    where = exc.filename or path or ""
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
+    return f"{where}: cannot write ({reason})." if where else f"cannot write ({reason})."

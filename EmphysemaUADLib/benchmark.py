@@ -224,3 +224,17 @@ def markdown(results: dict) -> str:
     else:
         lines.append("GPU part skipped: PyTorch sees no CUDA GPU on this machine.")
     return "\n".join(lines) + "\n"
+
+
+def write_chart(results: dict, path) -> Path:
+    """benchmark.png: seconds per detection step (CPU, and GPU where timed)."""
+    from .plots import bars, new_figure, save_figure
+
+    runs = [("CPU", results["cpu"])] + ([("GPU", results["gpu"])] if results.get("gpu") else [])
+    fig, axes = new_figure(6.5 * len(runs), 4.5, panels=len(runs))
+    for ax, (name, run) in zip(axes, runs):
+        steps = run["steps_s"]
+        bars(ax, list(steps), [float(v) for v in steps.values()],
+             f"Detection time by step, {name}", "seconds")
+    fig.suptitle(f"{Path(results['model']['path']).name} on {results['input']}", fontsize=9)
+    return save_figure(fig, path)

@@ -154,11 +154,22 @@ def save_checkpoint(path, model_state: dict, config: dict,
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> Checkpoint:
-    """Read and check a checkpoint; InputError with a one-line reason when it is unusable."""
+def model_file(path) -> Path:
+    """The checkpoint a path names: a file, or the folder `train` wrote (its best.pt)."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "best.pt").is_file():
+            return path / "best.pt"
+        raise InputError(f"{path}: is a folder without best.pt; pass a checkpoint file (the "
+                         "best.pt that `train` writes into its output folder).")
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> Checkpoint:
+    """Read and check a checkpoint; InputError with a one-line reason when it is unusable."""
+    path = model_file(path)
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path} is not an EmphysemaUAD checkpoint: it is not a PyTorch "
                          f"archive (another kind of file, or a truncated copy)")

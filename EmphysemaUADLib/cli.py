@@ -1,7 +1,17 @@
-"""The `emphysema-uad` command line. Each subcommand: a parser builder and a runner."""
+"""The `emphysema-uad` command line. Each subcommand: a parser builder and a runner.
+
+Exit codes, the same for every command (README, "Exit codes"):
+0 success; 1 a runtime failure (a failed write, out of memory, an internal error) or some
+cases of a batch failed while others were done; 2 bad input or usage (nothing was done: a bad
+option, an input refused, an output location that cannot be written); 130 / 143 interrupted
+(Ctrl-C / SIGTERM). Every failure is one line on stderr ("emphysema-uad: error: ...") and,
+under --progress json, an "error" event on stdout; never a traceback (set
+EMPHYSEMA_UAD_DEBUG=1 to see one).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,41 +37,76 @@ def _err(message: str) -> None:
     print(f"emphysema-uad: error: {message}", file=sys.stderr)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (none for flags and unset options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and default is not None
+                and default is not argparse.SUPPRESS and not isinstance(default, bool)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parser(sub, name: str, **kwargs):
+    return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def _add_output(p, what: str, required: bool = True, folder: bool = False, **kwargs) -> None:
+    """-o/--output in every command (--output-dir kept as an alias where it was the name)."""
+    names = ["-o", "--output"] + (["--output-dir"] if folder else [])
+    p.add_argument(*names, dest="output", required=required, help=what, **kwargs)
+
+
+def _add_progress(p) -> None:
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="bar: a progress bar on a terminal (plain lines in a log); json: one "
+                        "JSON event per stdout line; none: only warnings and errors")
+
+
+def _progress(args):
+    from .progress import Progress
+    return Progress(getattr(args, "progress", "bar"), errors_to_stderr=True)
+
+
 def _info(message: str) -> None:
     print(message, file=sys.stderr)
 
 
 # --- lungs -------------------------------------------------------------------------------
 def _add_lungs(sub) -> None:
-    p = sub.add_parser("lungs", help="segment the lungs (right = 1, left = 2)",
+    p = _parser(sub, "lungs", help="segment the lungs (right = 1, left = 2)",
                        description="Segment both lungs of a chest CT without any trained "
                                    "weights; writes right lung = 1, left lung = 2.")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA/MHD) or DICOM series folder")
-    p.add_argument("--output", "-o", required=True, help="lung mask to write, e.g. lungs.nii.gz")
+    _add_output(p, "lung mask to write, e.g. lungs.nii.gz")
     p.add_argument("--png", help="also write an axial and coronal preview with the lungs "
                                  "outlined")
     p.set_defaults(run=_run_lungs)
 
 
 def _run_lungs(args) -> int:
+    from .atomic import check_output_file
     from .lungs import segment_lungs
-    from .progress import Progress
     from .volume_io import read_ct, write_volume
 
-    ct = read_ct(args.input, Progress("bar"))
+    for path in (args.output, args.png):
+        if path:
+            check_output_file(path)
+    ct = read_ct(args.input, _progress(args))
     lungs = segment_lungs(ct)
+    ml = ct.geometry.voxel_ml
+    right, left = (int((lungs == v).sum()) * ml for v in (1, 2))
+    if right + left == 0:
+        raise InputError(f"{args.input}: no lung found in this CT; is it a chest CT?")
     write_volume(lungs, ct.geometry, args.output)
     if args.png:
         from .render import render_preview
         render_preview(ct, args.png, outline=lungs)
-    ml = ct.geometry.voxel_ml
-    right, left = (int((lungs == v).sum()) * ml for v in (1, 2))
     print(f"right lung: {right:.0f} mL\nleft lung:  {left:.0f} mL\ntotal:      "
           f"{right + left:.0f} mL\nwritten: {args.output}"
           + (f"\nwritten: {args.png}" if args.png else ""))
-    if right + left == 0:
-        _err("no lung found in this CT.")
-        return 1
     return 0
 
 
@@ -69,18 +114,23 @@ def _run_lungs(args) -> int:
 def _add_phantom(sub) -> None:
     from .phantom import KERNELS, PHANTOM_MORPHOLOGIES, SEVERITIES
 
-    p = sub.add_parser("phantom", help="write a synthetic chest CT with known truth",
+    p = _parser(sub, "phantom", help="write a synthetic chest CT with known truth",
                        description="Synthesise a chest CT (deterministic from --seed) with "
                                    "optional emphysema and its ground truth.")
-    p.add_argument("--output", "-o", required=True, help="CT file to write, e.g. ct.nii.gz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    _add_output(p, "CT file to write, e.g. ct.nii.gz")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the "
+                                                       "same phantom")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="voxels along z, y, x (default: 112 224 224)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("z", "y", "x"),
-                   help="voxel size in mm")
-    p.add_argument("--noise", type=float, help="noise SD in HU in soft tissue")
-    p.add_argument("--kernel", choices=KERNELS, default="smooth")
-    p.add_argument("--emphysema", choices=SEVERITIES, default="none")
-    p.add_argument("--morphology", choices=PHANTOM_MORPHOLOGIES, default="mixed")
+                   help="voxel size in mm (default: 2.5 1.6 1.6)")
+    p.add_argument("--noise", type=float, help="noise SD in HU in soft tissue (default: 20)")
+    p.add_argument("--kernel", choices=KERNELS, default="smooth",
+                   help="reconstruction kernel")
+    p.add_argument("--emphysema", choices=SEVERITIES, default="none",
+                   help="severity of the synthesised emphysema")
+    p.add_argument("--morphology", choices=PHANTOM_MORPHOLOGIES, default="mixed",
+                   help="morphology of the synthesised emphysema")
     p.add_argument("--truth-dir", help="folder for the truth: lesion mask, lung mask, zones, "
                                        "truth.json")
     p.add_argument("--png", help="axial and coronal preview PNG (default: beside the CT)")
@@ -88,8 +138,14 @@ def _add_phantom(sub) -> None:
 
 
 def _run_phantom(args) -> int:
+    from .atomic import check_output_file, check_output_folder
     from .phantom import make_phantom, write_phantom
 
+    for path in (args.output, args.png):
+        if path:
+            check_output_file(path)
+    if args.truth_dir:
+        check_output_folder(args.truth_dir)
     kwargs = {k: getattr(args, k) for k in ("shape", "spacing", "noise") if getattr(args, k)}
     phantom = make_phantom(seed=args.seed, kernel=args.kernel, emphysema=args.emphysema,
                            morphology=args.morphology, **kwargs)
@@ -101,63 +157,71 @@ def _run_phantom(args) -> int:
 
 # --- detect ------------------------------------------------------------------------------
 def _add_detect(sub) -> None:
-    p = sub.add_parser("detect", help="detect and stage emphysema in one or many CTs",
+    p = _parser(sub, "detect", help="detect and stage emphysema in one or many CTs",
                        description="Detect emphysema: per case an anomaly map, a label map, "
                                    "the regions, report.json and overlay.png; summary.csv is "
                                    "the worklist of all cases, highest anomaly score first.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="CT file, DICOM series folder, or folder of cases")
-    p.add_argument("--output-dir", "-o", required=True, help="folder for the results")
-    p.add_argument("--model", help="checkpoint (.pt); default: the bundled model")
+    _add_output(p, "folder for the results (one folder per case and summary.csv)",
+                folder=True)
+    p.add_argument("--model", help="checkpoint (.pt) or the folder `train` wrote (its best.pt) "
+                                   "(default: the bundled model)")
     p.add_argument("--lobes", help="lobe segmentation of the (single) case: TotalSegmentator "
-                                   "file or folder, lungmask LTRCLobes, or labels + JSON legend")
-    p.add_argument("--staging", help="staging.json from `emphysema-uad calibrate`")
+                                   "file or folder, lungmask LTRCLobes, or labels + JSON legend "
+                                   "(default: zones, thirds of each lung's height)")
+    p.add_argument("--staging", help="staging.json from `emphysema-uad calibrate` (default: "
+                                     "the Fleischner-based cut-points 0.5, 5, 25 %%)")
     p.add_argument("--threshold", type=float,
                    help="anomaly probability above which a voxel is emphysema "
                         "(default: the model's)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    _add_progress(p)
     p.set_defaults(run=_run_detect)
 
 
-def _run_detect(args) -> int:
-    from .batch import run_batch
-    from .detection import Detector
-    from .progress import Progress
+def _add_device(p) -> None:
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto: the GPU when PyTorch sees one, else the CPU")
 
-    progress = Progress(args.progress)
-    try:
-        detector = Detector.load(args.model, args.device, args.threshold, args.staging,
-                                 args.batch_size)
-        failed = run_batch(args.inputs, args.output_dir, detector, args.lobes, progress)
-    except InputError as exc:
-        if args.progress != "json":
-            raise
-        progress.event("error", str(exc))  # for a GUI: the setting, not the flag
-        return 2
-    return 1 if failed else 0
+
+def _run_detect(args) -> int:
+    from .batch import plan_batch, run_batch
+    from .detection import Detector
+
+    progress = _progress(args)
+    cases = plan_batch(args.inputs, args.output, args.lobes)  # before any work
+    detector = Detector.load(args.model, args.device, args.threshold, args.staging,
+                             args.batch_size)
+    result = run_batch(args.inputs, args.output, detector, args.lobes, progress, cases)
+    if result.exit_code == 2 and args.progress == "json":  # the case errors said why
+        from .progress import Progress
+        Progress("json").event("error", "nothing done: every input was refused.",
+                               exit_code=2)
+    return result.exit_code
 
 
 # --- calibrate ---------------------------------------------------------------------------
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="fit cohort staging (4-component Gaussian mixture)",
+    p = _parser(sub, "calibrate", help="fit cohort staging (4-component Gaussian mixture)",
                        description="Fit a 4-component Gaussian mixture on the whole-lung "
                                    "emphysema indices of a cohort's detect results; "
                                    "components are named by the order of their means.")
     p.add_argument("cases", nargs="+", metavar="CASES",
                    help="detect output folders, report.json or summary.csv files")
-    p.add_argument("--output", "-o", required=True, help="staging.json to write")
-    p.add_argument("--seed", type=int, default=0)
+    _add_output(p, "staging.json to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mixture fit")
     p.set_defaults(run=_run_calibrate)
 
 
 def _run_calibrate(args) -> int:
     import json
 
-    from .atomic import write_text_atomic
+    from .atomic import check_output_file, write_text_atomic
     from .staging import calibrate, cohort_indices
 
+    check_output_file(args.output)
     indices = cohort_indices(args.cases)
     staging = calibrate(indices, seed=args.seed)
     out = Path(args.output)
@@ -171,7 +235,7 @@ def _run_calibrate(args) -> int:
 
 # --- train -------------------------------------------------------------------------------
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on healthy CTs (self-supervised)",
+    p = _parser(sub, "train", help="train a model on healthy CTs (self-supervised)",
                        description="Train EDLNet on CTs of healthy lungs into which "
                                    "emphysema-like lesions are synthesised. MODEL_DIR/best.pt "
                                    "(best validation AUROC) is the model for `detect --model`; "
@@ -181,9 +245,10 @@ def _add_train(sub) -> None:
     p.add_argument("healthy", nargs="+", metavar="HEALTHY_DIR",
                    help="folder(s) of healthy chest CTs (volume files and DICOM series "
                         "folders, searched recursively)")
-    p.add_argument("--output", "-o", required=True, metavar="MODEL_DIR",
-                   help="folder for best.pt, last.pt and the slice cache")
-    p.add_argument("--epochs", type=int, default=100)
+    _add_output(p, "folder for best.pt, last.pt and the slice cache", metavar="MODEL_DIR")
+    p.add_argument("--epochs", type=int,
+                   help="epochs to train (default: 100; with --resume the run's own, and a "
+                        "larger number extends a run, finished or not)")
     p.add_argument("--width", type=int, default=64, help="network width (64 = published)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per step and process")
     p.add_argument("--size", type=int, default=384,
@@ -201,11 +266,12 @@ def _add_train(sub) -> None:
                    help="anomaly term: MSE of the probability (published) or BCE with logits")
     p.add_argument("--lr", type=float, default=1e-4,
                    help="peak learning rate of AdamW (1e-4 published; short runs need more)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    _add_device(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in MODEL_DIR from last.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial "
+                                                       "weights and the lesions")
+    _add_progress(p)
     p.add_argument("--cache-dir", help="slice cache folder (default: MODEL_DIR/cache)")
     p.add_argument("--workers", type=int,
                    help="data loading processes (default: 0 on CPU, up to 12 on a GPU)")
@@ -218,29 +284,22 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import traceback
-
-    from .progress import Progress
+    from .atomic import check_output_folder
     from .training import TrainOptions, train
 
-    progress = Progress(args.progress)
+    progress = _progress(args)
+    check_output_folder(args.output)
+    if args.cache_dir:
+        check_output_folder(args.cache_dir)
     options = TrainOptions(
-        healthy=args.healthy, output=args.output, epochs=args.epochs, width=args.width,
+        healthy=args.healthy, output=args.output, width=args.width,
+        **({"epochs": args.epochs} if args.epochs is not None else {}),
         batch_size=args.batch_size, size=args.size, patch_size=args.patch_size,
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
         max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
         device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers,
         **{v.option: getattr(args, v.option) for v in VARIANTS.values()})
-    try:
-        result = train(options, progress)
-    except Exception as exc:
-        if args.progress != "json":
-            raise
-        if not isinstance(exc, InputError):
-            traceback.print_exc(file=sys.stderr)
-        progress.event("error", str(exc) if isinstance(exc, InputError)
-                       else f"{type(exc).__name__}: {exc}")
-        return 2 if isinstance(exc, InputError) else 1
+    result = train(options, progress)
     if result.interrupted_by:
         return result.exit_code
     if args.progress != "json":
@@ -252,12 +311,12 @@ def _run_train(args) -> int:
 
 # --- evaluate ----------------------------------------------------------------------------
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="synthetic benchmark against ground truth and baselines",
+    p = _parser(sub, "evaluate", help="synthetic benchmark against ground truth and baselines",
                        description="Run the model and the baselines (LAA-950, LAA-950 after "
                                    "a noise filter, Perc15, and the trained baselines whose "
                                    "checkpoints are given) on phantoms with known emphysema; "
                                    "writes results.md, results.json and PNG charts.")
-    p.add_argument("--output-dir", "-o", required=True, help="folder for the results")
+    _add_output(p, "folder for results.md, results.json and the charts", folder=True)
     p.add_argument("--model", help="checkpoint under test (default: the bundled model)")
     p.add_argument("--baseline-model", action="append", metavar="NAME=PATH",
                    help=f"a trained baseline, repeatable; NAME: {', '.join(VARIANTS)} (see "
@@ -271,16 +330,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap samples of the cases for the 95 %% intervals (0: none)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first case")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    _add_progress(p)
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
+    from .atomic import check_output_folder
     from .evaluation import benchmark_cases, build_methods, evaluate, markdown, write_results
-    from .progress import Progress
 
+    check_output_folder(args.output)
     if args.matrix < 16 or args.z_extent <= 0:
         raise InputError(f"matrix must be at least 16 and z extent positive (got "
                          f"{args.matrix}, {args.z_extent}).", "matrix", "z_extent")
@@ -288,14 +348,14 @@ def _run_evaluate(args) -> int:
                                      args.batch_size)
     cases = benchmark_cases(args.cases, args.seed)
     results = evaluate(cases, methods, skipped, args.matrix, args.z_extent, args.bootstrap,
-                       progress=Progress(args.progress))
+                       progress=_progress(args))
     command = " ".join(
         ["emphysema-uad evaluate", f"--cases {args.cases}", f"--matrix {args.matrix}",
          f"--z-extent {args.z_extent:g}", f"--bootstrap {args.bootstrap}", f"--seed {args.seed}"]
         + [f"--model {args.model}"] * bool(args.model)
         + [f"--baseline-model {spec}" for spec in args.baseline_model or ()]
-        + [f"-o {args.output_dir}"])
-    written = write_results(results, args.output_dir, command)
+        + [f"-o {args.output}"])
+    written = write_results(results, args.output, command)
     if args.progress != "json":
         print(markdown(results, command))
     for path in written:
@@ -305,76 +365,74 @@ def _run_evaluate(args) -> int:
 
 # --- benchmark ---------------------------------------------------------------------------
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="speed and memory of detection (CPU, and GPU if any)",
+    p = _parser(sub, "benchmark", help="speed and memory of detection (CPU, and GPU if any)",
                        description="Time detection step by step on the real CT of "
                                    "../shared/data (or --ct; a phantom when neither is "
                                    "there), on the CPU and, where PyTorch sees one, the GPU.")
     p.add_argument("--ct", help="CT file or DICOM folder to time (default: the shared real CT)")
     p.add_argument("--model", help="checkpoint (default: the bundled model)")
     p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
-    p.add_argument("--output-dir", "-o", help="also write benchmark.md and benchmark.json here")
+    _add_output(p, "also write benchmark.md, benchmark.json and benchmark.png here "
+                   "(default: print only)", required=False, folder=True)
     p.set_defaults(run=_run_benchmark)
 
 
 def _run_benchmark(args) -> int:
     import json
 
+    from .atomic import check_output_folder, write_text_atomic
     from .benchmark import markdown, run_benchmark
-    from .progress import Progress
-    from .atomic import write_text_atomic
 
-    results = run_benchmark(args.model, args.ct, args.batch_size, Progress("bar"))
+    if args.output:
+        check_output_folder(args.output)
+    results = run_benchmark(args.model, args.ct, args.batch_size, _progress(args))
     text = markdown(results)
     print(text)
-    if args.output_dir:
-        folder = Path(args.output_dir)
+    if args.output:
+        from .benchmark import write_chart
+        folder = Path(args.output)
         folder.mkdir(parents=True, exist_ok=True)
         for path in (write_text_atomic(folder / "benchmark.md", text),
-                     write_text_atomic(folder / "benchmark.json", json.dumps(results, indent=1))):
+                     write_text_atomic(folder / "benchmark.json", json.dumps(results, indent=1)),
+                     write_chart(results, folder / "benchmark.png")):
             _info(f"written: {path}")
     return 0
 
 
 # --- validate ----------------------------------------------------------------------------
 def _add_validate(sub) -> None:
-    p = sub.add_parser("validate", help="quality on your own labelled cases (AUROC, Spearman, "
-                                        "stages) against density baselines",
-                       description="Run detection (or read a detect results folder) on the "
-                                   "images a labels CSV names and compare the model with "
-                                   "LAA-950, LAA-910 and Perc15: AUROC normal vs emphysema and "
-                                   "per pattern, Spearman with severity, the stage confusion "
-                                   "matrix, with 95 %% intervals by subject-level bootstrap. "
-                                   "Writes report.json, report.md, cases.csv and a PNG.")
+    p = _parser(sub, "validate", help="quality on your own labelled cases (AUROC, Spearman, "
+                                      "stages) against density baselines",
+                description="Run detection (or read a detect results folder) on the images a "
+                            "labels CSV names and compare the model with LAA-950, LAA-910 and "
+                            "Perc15: AUROC normal vs emphysema and per pattern, Spearman with "
+                            "severity, the stage confusion matrix, with 95 %% intervals by "
+                            "subject-level bootstrap. Writes report.json, report.md, cases.csv "
+                            "and a PNG.")
     p.add_argument("labels", metavar="LABELS.csv",
                    help="columns file (relative to the CSV), subject, and pattern and/or "
                         "severity (0-5) and/or stage (None/Mild/Moderate/Severe)")
-    p.add_argument("--output-dir", "-o", default="validation",
-                   help="folder for the results (default: ./validation)")
+    _add_output(p, "folder for the results", required=False, folder=True, default="validation")
     p.add_argument("--model", help="checkpoint (.pt); default: the bundled model")
     p.add_argument("--results", metavar="DETECT_DIR",
                    help="read an earlier `detect -o DETECT_DIR` run on these images instead "
                         "of running the network")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where the network runs")
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="subject resamples for the 95 %% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    _add_progress(p)
     p.set_defaults(run=_run_validate)
 
 
 def _run_validate(args) -> int:
-    from .progress import Progress
+    from .atomic import check_output_folder
     from .validation import summary_text, validate
 
-    progress = Progress(args.progress)
-    try:
-        report, written = validate(args.labels, args.output_dir, args.model, args.results,
-                                   args.device, args.bootstrap, args.seed, progress)
-    except InputError as exc:
-        if args.progress != "json":
-            raise
-        progress.event("error", str(exc))
-        return 2
+    check_output_folder(args.output)
+    report, written = validate(args.labels, args.output, args.model, args.results,
+                               args.device, args.bootstrap, args.seed, _progress(args))
     if args.progress != "json":
         print(summary_text(report))
     for path in written:
@@ -388,8 +446,10 @@ COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_train, _
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="emphysema-uad",
-        description="Unsupervised emphysema detection and staging on chest CT.")
+        prog="emphysema-uad", formatter_class=HelpFormatter,
+        description="Unsupervised emphysema detection and staging on chest CT.",
+        epilog="Exit codes: 0 success; 1 a runtime failure, or some cases of a batch failed; "
+               "2 bad input or usage (nothing done); 130/143 interrupted.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
@@ -397,19 +457,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(args, message: str, code: int, event_message: str | None = None) -> int:
+    """One line on stderr; under --progress json also the "error" event on stdout."""
+    _err(message)
+    if getattr(args, "progress", None) == "json":
+        from .progress import Progress
+        # for a GUI the setting's own name, not the flag
+        Progress("json").event("error", event_message or message, exit_code=code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except InputError as exc:
-        _err(_message(exc))
-        return 2
+        return _fail(args, _message(exc), 2, str(exc))
     except KeyboardInterrupt:
-        _err("interrupted.")
-        return 130
+        return _fail(args, "interrupted.", 130)
     except MemoryError:
-        _err("out of memory; try a smaller --batch-size or a machine with more memory.")
-        return 1
+        return _fail(args, "out of memory; try a smaller --batch-size or a machine with more "
+                           "memory.", 1)
     except OSError as exc:
-        _err(f"{exc.filename or ''}: {exc.strerror or exc}" if exc.filename else str(exc))
-        return 1
+        from .atomic import write_failure
+        return _fail(args, write_failure(exc), 1)
+    except Exception as exc:  # a bug: one line, the traceback only on request
+        if os.environ.get("EMPHYSEMA_UAD_DEBUG"):
+            raise
+        return _fail(args, f"internal error ({type(exc).__name__}: {exc}); set "
+                           "EMPHYSEMA_UAD_DEBUG=1 to see the traceback, and report it.", 1)

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, model_file
 from .devices import choose_device
 from .errors import InputError, setting_error
 from .inference import predict_anomaly
 from .lungs import segment_lungs
-from .measurements import Measurements, RegionMeasurements, measure, region_masks
+from .measurements import (NOT_IN_SCAN, PARTIAL, Measurements, RegionMeasurements, measure,
+                           region_masks)
 # the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
 from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
 from .progress import NO_PROGRESS, Progress
-from .regions import ZONES, lung_zones, read_regions
+from .regions import LOBES, ZONES, cut_ends, lung_zones, read_regions
 from .staging import Staging
 from .volume_io import Volume
 
@@ -41,7 +42,7 @@ class Detector:
     @classmethod
     def load(cls, model_path=None, device="auto", threshold=None, staging=None,
              batch_size=8) -> "Detector":
-        path = Path(model_path) if model_path else default_model_path()
+        path = model_file(model_path) if model_path else default_model_path()
         dev = choose_device(device)
         model, config = load_model(path, device=dev)
         if threshold is None:
@@ -102,15 +103,28 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     else:
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
+    ends = cut_ends(lungs > 0, ct.geometry)
+    if ends:
+        cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
+                           for e in ends)
+        progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "
+                     "only part of them; the regions cut off are marked partial.", "warning")
+    measured = dict(legend)
+    if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
+        measured.update({k: v for k, v in LOBES.items() if k not in legend})
     anomaly = timer("network", predict_anomaly, ct.array, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
         rows = []
-        for name, mask in region_masks(lungs, regions, legend):
+        for name, mask in region_masks(lungs, regions, measured):
             row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly,
                                                      ct.geometry.voxel_ml))
+            if row.empty and name not in legend.values() and name in LOBES.values():
+                row.coverage = NOT_IN_SCAN
+            elif ends and cut_ends(mask, ct.geometry):
+                row.coverage = PARTIAL
             if not row.empty:
                 row.stage = detector.staging.stage(row.emphysema_index_percent)
                 row.stage_probabilities = detector.staging.probabilities(

@@ -413,40 +413,46 @@ def markdown(results: dict, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _charts(results: dict) -> dict[str, np.ndarray]:
-    from .plots import line_chart, side_by_side
+def _charts(results: dict) -> dict:
+    """{file name: matplotlib figure} of the ROC curves and Dice by noise and morphology."""
+    from .plots import lines, new_figure
 
     methods = results["methods"]
     voxel = [v for v in methods.values() if "voxel_roc" in v]
-    roc = side_by_side([
-        line_chart([(v["label"], v["voxel_roc"]["fpr"], v["voxel_roc"]["tpr"]) for v in voxel],
-                   "voxel ROC inside the lungs", "false positive rate", "TPR"),
-        line_chart([(v["label"], v["case_roc"]["fpr"], v["case_roc"]["tpr"])
-                    for v in methods.values()],
-                   "case ROC, healthy vs emphysema", "false positive rate", "TPR")])
-    charts = {"roc.png": roc}
+    fig, (left, right) = new_figure(13, 5.5, panels=2)
+    lines(left, [(v["label"], v["voxel_roc"]["fpr"], v["voxel_roc"]["tpr"]) for v in voxel],
+          "Voxel ROC inside the lungs", "false positive rate (share of healthy voxels)",
+          "true positive rate (share of lesion voxels)", (0, 1), (0, 1), diagonal=True)
+    lines(right, [(v["label"], v["case_roc"]["fpr"], v["case_roc"]["tpr"])
+                  for v in methods.values()],
+          "Case ROC, healthy vs emphysema", "false positive rate (share of healthy cases)",
+          "true positive rate (share of cases with emphysema)", (0, 1), (0, 1),
+          diagonal=True)
+    charts = {"roc.png": fig}
     for factor, title in (("noise", "Dice by noise level"),
                           ("morphology", "Dice by morphology")):
         levels = list(voxel[0]["dice_by"][factor]) if voxel else []
         series = [(v["label"], np.arange(len(levels)),
                    [np.nan if v["dice_by"][factor][k] is None else v["dice_by"][factor][k]
                     for k in levels]) for v in voxel]
-        charts[f"dice_by_{factor}.png"] = line_chart(
-            series, title + " (default threshold)", factor, "Dice",
-            x_range=(-0.5, len(levels) - 0.5),
-            x_ticks=[(i, _level(factor, k)[:13]) for i, k in enumerate(levels)], markers=True,
-            size=(300, 520))
+        fig, (ax,) = new_figure(9, 5.5)
+        lines(ax, series, title + " (default threshold)",
+              "noise SD in soft tissue" if factor == "noise" else "emphysema morphology",
+              "Dice (label map vs truth)", (-0.5, len(levels) - 0.5), (0, 1),
+              x_ticks=[(i, _level(factor, k)) for i, k in enumerate(levels)], markers=True)
+        ax.legend(loc="lower left", fontsize=8)
+        charts[f"dice_by_{factor}.png"] = fig
     return charts
 
 
 def write_results(results: dict, output_dir, command: str | None = None) -> list[Path]:
     """results.md, results.json and the PNG charts, each written whole then renamed."""
-    from .render import save_png
     from .atomic import write_text_atomic
+    from .plots import save_figure
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = [write_text_atomic(folder / "results.md", markdown(results, command)),
                write_text_atomic(folder / "results.json", json.dumps(results, indent=1))]
-    written += [save_png(image, folder / name) for name, image in _charts(results).items()]
+    written += [save_figure(fig, folder / name) for name, fig in _charts(results).items()]
     return written

@@ -35,7 +35,11 @@ COLUMNS = (
     Column("mean_anomaly", "Mean anomaly", "",
            "Mean anomaly probability of the network over the region, 0 to 1."),
     Column("stage", "Stage", "", "None, Mild, Moderate or Severe, from the emphysema index."),
+    Column("coverage", "Coverage", "",
+           "complete; partial (the region reaches the first or last slice: the scan cuts it "
+           "off); or not in scan (a lobe of the lobe map with no voxel in the scanned lungs)."),
 )
+COMPLETE, PARTIAL, NOT_IN_SCAN = "complete", "partial", "not in scan"
 COLUMN = {c.key: c for c in COLUMNS}
 # the whole lung's columns in summary.csv, in its order (after the case and its anomaly score)
 SUMMARY_KEYS = ("emphysema_index_percent", "laa950_percent", "perc15_hu", "volume_ml", "stage")
@@ -54,10 +58,15 @@ class RegionMeasurements:
     mean_anomaly: float | None
     stage: str | None = None
     stage_probabilities: dict[str, float] | None = None
+    coverage: str = COMPLETE  # COMPLETE, PARTIAL or NOT_IN_SCAN
 
     @property
     def empty(self) -> bool:
         return self.emphysema_index_percent is None
+
+    @property
+    def partial(self) -> bool:
+        return self.coverage == PARTIAL
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +74,9 @@ class RegionMeasurements:
     @classmethod
     def from_dict(cls, row: dict) -> "RegionMeasurements":
         """A row of report.json (keys it does not know are ignored)."""
-        return cls(**{f.name: row.get(f.name) for f in fields(cls)})
+        values = {f.name: row.get(f.name) for f in fields(cls)}
+        values["coverage"] = values["coverage"] or COMPLETE  # reports written before it
+        return cls(**values)
 
 
 LUNG_ROWS = 2  # right and left lung, after the whole lung

@@ -329,7 +329,8 @@ def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
                  lambda row, stage=stage: (row.stage_probabilities or {}).get(stage))
                 for stage in STAGES]
     for name, value_of in columns:
-        array = vtk.vtkStringArray() if name in ("region", "stage") else vtk.vtkDoubleArray()
+        array = vtk.vtkStringArray() if name in ("region", "stage", "coverage") \
+            else vtk.vtkDoubleArray()
         array.SetName(name)
         for row in measurements:
             value = value_of(row)

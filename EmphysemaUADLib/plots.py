@@ -1,122 +1,205 @@
-"""Line charts drawn with numpy into RGB arrays (no plotting library is a dependency).
+"""Every figure the project writes, drawn with matplotlib (Agg, no display needed): the case
+overlay of `detect`, the charts of `evaluate`, `benchmark` and `validate`, and the README's
+screenshot. A fixed layout whatever the CT's size, units on every axis, a legend.
 
-Light grey axes, grid and captions (render.text_block's font) on black, one colour per series,
-and a legend below the plot; write them with render.save_png.
+Helpers for any command's chart: `new_figure`, `lines` (series against x: ROC curves, Dice
+by level), `strip_by_group` (a score's values by an ordinal group, e.g. by severity 0-5),
+`bars` (named values), `save_figure` (a PNG written whole, then renamed). matplotlib is used
+through its object interface only (Figure + the Agg canvas): no pyplot state, no global
+backend switch, safe inside 3D Slicer.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-
-from .render import GLYPH_H, GLYPH_W, TEXT_MARGIN, text_block
-
-COLORS = ((255, 90, 80), (90, 170, 255), (120, 220, 100), (255, 200, 40), (220, 110, 255),
-          (0, 220, 220), (255, 120, 190), (200, 200, 200), (160, 120, 80))
-GRID, AXIS = (55, 55, 55), (170, 170, 170)
-LEFT, RIGHT, TOP, BOTTOM = 52, 16, 24, 40  # margins around the plot area, pixels
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
-def _text(canvas: np.ndarray, text: str, x: int, y: int, center: bool = False) -> None:
-    """Paste one line of text with its top-left corner (or top centre) at (x, y), clipped."""
-    width = len(text) * GLYPH_W + 2 * TEXT_MARGIN
-    block = text_block([text], width)
-    if center:
-        x -= width // 2
-    h, w = canvas.shape[:2]
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + block.shape[1], w), min(y + block.shape[0], h)
-    if x1 > x0 and y1 > y0:
-        part = block[y0 - y:y1 - y, x0 - x:x1 - x]
-        lit = part.any(axis=2)
-        canvas[y0:y1, x0:x1][lit] = part[lit]
+DPI = 100
+COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#e377c2",
+          "#7f7f7f", "#8c564b")
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9}
 
 
-def _polyline(canvas, rows, cols, color, thickness: int = 2) -> None:
-    h, w = canvas.shape[:2]
-    for r0, c0, r1, c1 in zip(rows[:-1], cols[:-1], rows[1:], cols[1:]):
-        n = int(max(abs(r1 - r0), abs(c1 - c0))) + 1
-        rr = np.rint(np.linspace(r0, r1, n)).astype(int)
-        cc = np.rint(np.linspace(c0, c1, n)).astype(int)
-        for dr in range(thickness):
-            for dc in range(thickness):
-                ok = (rr + dr >= 0) & (rr + dr < h) & (cc + dc >= 0) & (cc + dc < w)
-                canvas[rr[ok] + dr, cc[ok] + dc] = color
+def new_figure(width_in: float = 7.0, height_in: float = 5.0, panels: int = 1):
+    """(figure, list of axes side by side)."""
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    return fig, list(axes)
 
 
-def line_chart(series, title: str, x_label: str, y_label: str, x_range=(0.0, 1.0),
-               y_range=(0.0, 1.0), x_ticks=None, markers: bool = False,
-               size=(300, 420)) -> np.ndarray:
-    """(H, W, 3) uint8 chart of `series`: [(name, xs, ys)] or [(name, xs, ys, style)] with
-    style "line", "points" or "line+points" (default: "line+points" with `markers`, else
-    "line"); NaN points left out; x_ticks: [(value, label)] (default: five even ticks of
-    x_range)."""
-    height, width = size
-    legend_rows = len(series)
-    canvas = np.zeros((height + legend_rows * (GLYPH_H + 3) + 6, width, 3), np.uint8)
-    x0, x1, y0, y1 = LEFT, width - RIGHT, TOP, height - BOTTOM
-    (xa, xb), (ya, yb) = x_range, y_range
+def save_figure(fig: Figure, path) -> Path:
+    """The figure as an RGB PNG at `path` (white background), written whole then renamed."""
+    from .render import save_png
 
-    def col(x):
-        return x0 + (np.asarray(x, float) - xa) / (xb - xa) * (x1 - x0)
+    fig.set_dpi(DPI)
+    fig.set_facecolor("white")
+    fig.canvas.draw()
+    return save_png(np.asarray(fig.canvas.buffer_rgba())[..., :3], path)
 
-    def row(y):
-        return y1 - (np.asarray(y, float) - ya) / (yb - ya) * (y1 - y0)
 
-    if x_ticks is None:
-        x_ticks = [(v, f"{v:g}") for v in np.linspace(xa, xb, 5)]
-    for value, label in x_ticks:
-        c = int(round(float(col(value))))
-        canvas[y0:y1 + 1, c] = GRID
-        _text(canvas, label, c, y1 + 4, center=True)
-    for value in np.linspace(ya, yb, 5):
-        r = int(round(float(row(value))))
-        canvas[r, x0:x1 + 1] = GRID
-        _text(canvas, f"{value:g}", 2, r - GLYPH_H // 2)
-    canvas[y0:y1 + 1, x0] = AXIS
-    canvas[y1, x0:x1 + 1] = AXIS
-    _text(canvas, title, width // 2, 4, center=True)
-    _text(canvas, x_label, (x0 + x1) // 2, y1 + 4 + GLYPH_H + 2, center=True)
-    _text(canvas, y_label, x0 + 2, y0 - 2)
-    for k, (name, xs, ys, *style) in enumerate(series):
-        style = style[0] if style else ("line+points" if markers else "line")
-        color = COLORS[k % len(COLORS)]
+def lines(ax, series, title: str, x_label: str, y_label: str, x_range=None, y_range=None,
+          x_ticks=None, markers: bool = False, diagonal: bool = False, legend: bool = True):
+    """Series [(name, xs, ys)] as lines (NaN points left out) on `ax`; x_ticks: [(value,
+    label)] for categorical x; diagonal: the chance line of a ROC."""
+    for k, (name, xs, ys) in enumerate(series):
         xs, ys = np.asarray(xs, float), np.asarray(ys, float)
         keep = np.isfinite(xs) & np.isfinite(ys)
-        rows, cols = row(ys[keep]), col(xs[keep])
-        if "line" in style:
-            _polyline(canvas, rows, cols, color)
-        if "points" in style:
-            for r, c in zip(np.rint(rows).astype(int), np.rint(cols).astype(int)):
-                canvas[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = color
-        legend_y = height + 4 + k * (GLYPH_H + 3)
-        canvas[legend_y + 1:legend_y + GLYPH_H - 1, x0:x0 + 14] = color
-        _text(canvas, name, x0 + 18, legend_y - 1)
-    return canvas
+        ax.plot(xs[keep], ys[keep], color=COLORS[k % len(COLORS)], linewidth=1.8,
+                marker="o" if markers else None, markersize=4, label=name)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="chance")
+    if x_range:
+        ax.set_xlim(*x_range)
+    if y_range:
+        ax.set_ylim(*y_range)
+    if x_ticks:
+        ax.set_xticks([v for v, _ in x_ticks], [label for _, label in x_ticks])
+    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, color="0.88")
+    if legend and series:
+        ax.legend(loc="best", frameon=True)
+    return ax
 
 
-def nice_range(values, ticks: int = 4) -> tuple[float, float]:
-    """A y range holding the finite values whose `ticks` even steps are round numbers (1, 2,
-    2.5 or 5 times a power of ten), so that line_chart's five grid labels read well."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    exponent = np.floor(np.log10((high - low) / ticks))
-    for factor in (1, 2, 2.5, 5, 10, 20):
-        step = factor * 10.0 ** exponent
-        start = np.floor(low / step) * step
-        if start + ticks * step >= high - 1e-12:
-            return float(round(start, 12)), float(round(start + ticks * step, 12))
-    return low, high
+def strip_by_group(ax, groups, values, title: str, group_label: str, y_label: str,
+                   seed: int = 0, show_median: bool = True, color=COLORS[1], label=None):
+    """A strip chart: `values[i]` (a list of scores) plotted over ordinal group `groups[i]`
+    (jittered horizontally), with each group's median as a bar and its count below."""
+    rng = np.random.default_rng(seed)
+    for i, (group, vals) in enumerate(zip(groups, values)):
+        vals = np.asarray(vals, float)
+        vals = vals[np.isfinite(vals)]
+        ax.scatter(i + rng.uniform(-0.18, 0.18, vals.size), vals, s=18, color=color,
+                   alpha=0.75, edgecolors="none", label=label if i == 0 else None)
+        if show_median and vals.size:
+            ax.hlines(np.median(vals), i - 0.3, i + 0.3, color="black", linewidth=2,
+                      label="median" if i == 0 else None)
+    ax.set_xticks(range(len(groups)),
+                  [f"{g}\n(n={np.isfinite(np.asarray(v, float)).sum()})"
+                   for g, v in zip(groups, values)])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_title(title)
+    ax.set_xlabel(group_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, axis="y", color="0.88")
+    ax.legend(loc="best")
+    return ax
 
 
-def side_by_side(images, gap: int = 8) -> np.ndarray:
-    """Charts next to each other, top-aligned, on black."""
-    height = max(im.shape[0] for im in images)
-    out = np.zeros((height, sum(im.shape[1] for im in images) + gap * (len(images) - 1), 3),
-                   np.uint8)
-    x = 0
-    for im in images:
-        out[:im.shape[0], x:x + im.shape[1]] = im
-        x += im.shape[1] + gap
-    return out
+def bars(ax, names, values, title: str, value_label: str, fmt: str = "{:.2f}"):
+    """Horizontal bars of named values, top to bottom in the given order, each labelled."""
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, values, color=COLORS[1])
+    ax.set_yticks(y, names)
+    for yi, v in zip(y, values):
+        ax.text(v, yi, " " + fmt.format(v), va="center", fontsize=9)
+    ax.set_xlim(0, max(values, default=1) * 1.2 or 1)
+    ax.set_title(title)
+    ax.set_xlabel(value_label)
+    ax.grid(True, axis="x", color="0.88")
+    return ax
+
+
+# --- images of a CT ----------------------------------------------------------------------
+def image_panel(ax, rgb: np.ndarray, title: str, left: str = "R", right: str = "L",
+                top: str = "A", scale_mm: float | None = None, pixel_mm: float = 1.0):
+    """An RGB slice (square pixels of `pixel_mm`) with its orientation letters and a scale
+    bar of `scale_mm` (default: 50 mm where it fits)."""
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    h, w = rgb.shape[:2]
+    style = {"color": "yellow", "fontsize": 10, "fontweight": "bold"}
+    ax.text(0.01, 0.5, left, transform=ax.transAxes, va="center", ha="left", **style)
+    ax.text(0.99, 0.5, right, transform=ax.transAxes, va="center", ha="right", **style)
+    ax.text(0.5, 0.99, top, transform=ax.transAxes, va="top", ha="center", **style)
+    length = scale_mm or next((mm for mm in (100, 50, 20, 10) if mm / pixel_mm < 0.4 * w), None)
+    if length:
+        px = length / pixel_mm
+        x0, y0 = w - px - 0.04 * w, h - 0.05 * h
+        ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=3)
+        ax.text(x0 + px / 2, y0 - 0.015 * h, f"{length:g} mm", color="white", ha="center",
+                va="bottom", fontsize=9)
+    return ax
+
+
+def grey_colorbar(fig, ax, window: tuple[float, float], label: str = "CT (HU), lung window"):
+    """A colour bar of the grey scale: the display window (width, level) in HU."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    width, level = window
+    mappable = ScalarMappable(Normalize(level - width / 2, level + width / 2), cmap="gray")
+    return fig.colorbar(mappable, ax=ax, label=label, fraction=0.04, pad=0.01)
+
+
+def legend_patches(ax, items, loc="lower left", **kwargs):
+    """A legend of [(label, colour, "fill" | "line")] entries on `ax` (an axes or a
+    figure)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=np.asarray(c) / 255 if max(c) > 1 else c, label=label)
+               if kind == "fill" else
+               Line2D([], [], color=np.asarray(c) / 255 if max(c) > 1 else c, label=label,
+                      linewidth=2) for label, c, kind in items]
+    return ax.legend(handles=handles, loc=loc, **kwargs)
+
+
+def table_panel(ax, header, rows, title: str | None = None, highlight=()):
+    """A table of text cells filling `ax` (no axes); rows in `highlight` are shaded."""
+    ax.axis("off")
+    header_lines = max(str(h).count("\n") + 1 for h in header)
+    height = min(1.0, (len(rows) + header_lines) / 11)  # rows of equal height whatever n
+    table = ax.table(cellText=rows, colLabels=header, cellLoc="right", colLoc="right",
+                     bbox=[0.0, 1.0 - height, 1.0, height])
+    table.auto_set_font_size(False)
+    table.set_fontsize(10)
+    for (r, c), cell in table.get_celld().items():
+        cell.set_edgecolor("0.8")
+        if c == 0:
+            cell.set_text_props(ha="left")
+            cell._loc = "left"
+        if r == 0:
+            cell.set_text_props(fontweight="bold")
+            cell.set_facecolor("0.92")
+        elif r - 1 in highlight:
+            cell.set_facecolor("#fff2cc")
+    if title:
+        ax.set_title(title, loc="left", fontsize=10)
+    return table
+
+
+def case_overlay(axial: np.ndarray, coronal: np.ndarray | None, pixel_mm: float, title: str,
+                 subtitle: str, header, rows, highlight=(), notes=(), legend_items=(),
+                 window=(1500.0, -600.0), view_titles=("axial", "coronal")) -> Figure:
+    """The case overlay: axial and coronal views (coronal None for a volume of a few
+    slices), the grey scale's colour bar, a legend, and the region table below; one fixed
+    layout (1200 x 1000 px) whatever the CT's size."""
+    fig = Figure(figsize=(12, 10), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=14, fontweight="bold")
+    grid = fig.add_gridspec(2, 1, height_ratios=[2.1, 1.0])
+    top = grid[0].subgridspec(1, 2)
+    ax_axial = fig.add_subplot(top[0, 0])
+    image_panel(ax_axial, axial, view_titles[0], pixel_mm=pixel_mm)
+    ax_right = fig.add_subplot(top[0, 1])
+    if coronal is not None:
+        image_panel(ax_right, coronal, view_titles[1], top="S", pixel_mm=pixel_mm)
+    else:
+        ax_right.axis("off")
+        ax_right.text(0.05, 0.5, "A volume of a few slices:\nno coronal view.", fontsize=12,
+                      va="center", transform=ax_right.transAxes)
+    grey_colorbar(fig, [ax_axial, ax_right], window)
+    if legend_items:
+        legend_patches(fig, legend_items, loc="outside lower center", ncols=len(legend_items))
+    bottom = fig.add_subplot(grid[1])
+    table_panel(bottom, header, rows, "\n".join([subtitle, *notes]), highlight)
+    return fig

@@ -15,14 +15,25 @@ import sys
 import time
 
 
+ERROR_EVENTS = ("error", "case_error")
+PLAIN_STEP_EVERY_S = 30.0  # a plain progress line (no terminal) at most this often
+
+
 class Progress:
-    def __init__(self, mode: str = "bar", stream=None):
+    """mode: "bar" (a bar on a terminal, plain lines when stderr is redirected), "json" or
+    "none". errors_to_stderr: error events and warnings also reach stderr as one line in the
+    json and none modes (the command line: errors are never hidden)."""
+
+    def __init__(self, mode: str = "bar", stream=None, errors_to_stderr: bool = False):
         if mode not in ("bar", "json", "none"):
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
         self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self.errors_to_stderr = errors_to_stderr
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self._rate_from: tuple[float, int] | None = None
         self._last_bar = 0.0
+        self._last_plain: float | None = None
         self._bar_open = False
 
     def _emit(self, obj: dict) -> None:
@@ -36,12 +47,19 @@ class Progress:
 
     def event(self, event: str, message: str | None = None, **fields) -> None:
         """A discrete happening; shown as a log line on a terminal."""
+        if self.errors_to_stderr and self.mode != "bar" and (
+                event in ERROR_EVENTS or fields.get("level") in ("warning", "error")):
+            label = "warning" if event == "log" else "error"
+            sys.stderr.write(f"emphysema-uad: {label}: {message or fields}\n")
+            sys.stderr.flush()
         if self.mode == "json":
             self._emit({"event": event, **({"message": message} if message else {}), **fields})
         elif self.mode == "bar":
             self._close_bar()
             text = message or " ".join(f"{k}={_short(v)}" for k, v in fields.items())
-            self.stream.write(f"[{event}] {text}\n")
+            label = fields["level"] if event == "log" and fields.get("level") in (
+                "warning", "error") else event
+            self.stream.write(f"[{label}] {text}\n")
             self.stream.flush()
 
     def log(self, message: str, level: str = "info") -> None:
@@ -63,6 +81,16 @@ class Progress:
         if self.mode == "json":
             self._emit({"event": "step", "step": step, "total": total,
                         "eta_s": None if eta is None else round(eta, 1), **fields})
+        elif self.mode == "bar" and not self.terminal:  # a log file: plain lines, no \r
+            now = time.monotonic()
+            first = self._last_plain is None
+            if not (first or step >= total or now - self._last_plain >= PLAIN_STEP_EVERY_S):
+                return
+            self._last_plain = now
+            extra = " ".join(f"{k} {_short(v)}" for k, v in fields.items())
+            eta_text = "" if eta is None else f" eta {_clock(eta)}"
+            self.stream.write(f"[step] {step}/{total}{eta_text} {extra}".rstrip() + "\n")
+            self.stream.flush()
         elif self.mode == "bar":
             now = time.monotonic()
             if now - self._last_bar < 0.2 and step < total:

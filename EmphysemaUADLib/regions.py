@@ -46,6 +46,31 @@ def lung_zones(lungs: np.ndarray, geometry: Geometry) -> np.ndarray:
     return zones
 
 
+def superior_axis(geometry: Geometry) -> tuple[int, bool]:
+    """(numpy axis closest to superior-inferior, whether its index increases superiorly)."""
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    itk_index = int(np.argmax(np.abs(direction[2])))
+    return 2 - itk_index, bool(direction[2, itk_index] > 0)
+
+
+CUT_SHARE = 0.05  # an end slice holding this share of a region's largest cross-section cuts it
+
+
+def cut_ends(mask: np.ndarray, geometry: Geometry) -> list[str]:
+    """The ends of the scan where a region is cut off: "top" (superior) and/or "bottom"
+    (inferior). A region is cut off at an end when the first or last slice holds more than
+    CUT_SHARE of its largest cross-section (a costophrenic recess grazing the last slice of
+    a complete scan does not count)."""
+    axis, up = superior_axis(geometry)
+    if not mask.any():
+        return []
+    area = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
+    least = CUT_SHARE * area.max()
+    first, last = bool(area[0] > least), bool(area[-1] > least)
+    ends = {"top": last if up else first, "bottom": first if up else last}
+    return [end for end in ("top", "bottom") if ends[end]]
+
+
 # --- imported lobes ----------------------------------------------------------------------
 LOBES = {1: "right upper lobe", 2: "right middle lobe", 3: "right lower lobe",
          4: "left upper lobe", 5: "left lower lobe"}
@@ -107,6 +132,22 @@ def _same_grid(a: Geometry, b: Geometry, shape_a, shape_b) -> bool:
         ((a.spacing, b.spacing), (a.origin, b.origin), (a.direction, b.direction)))
 
 
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def grid_difference(labels: Volume, ct: Volume) -> str:
+    """What differs between two grids, with both values: "origin (..) vs the CT's (..)"."""
+    a, b = labels.geometry, ct.geometry
+    parts = [f"size {tuple(labels.shape[::-1])} vs the CT's {tuple(ct.shape[::-1])}"
+             if tuple(labels.shape) != tuple(ct.shape) else ""]
+    for name in ("origin", "spacing", "direction"):
+        x, y = getattr(a, name), getattr(b, name)
+        if not np.allclose(x, y, atol=1e-4):
+            parts.append(f"{name} {_fmt(x)} vs the CT's {_fmt(y)}")
+    return "; ".join(p for p in parts if p)
+
+
 def _on_ct_grid(labels: Volume, ct: Volume) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto the CT's grid, where they differ."""
     if _same_grid(labels.geometry, ct.geometry, labels.shape, ct.shape):
@@ -140,18 +181,22 @@ def read_regions(path: str | Path, ct: Volume, lungs: np.ndarray,
     (same name, .json); lobe names in a legend are recognised, other names kept as given.
     """
     path = Path(path)
+    differs = ""
     if path.is_dir() and any(lobe_from_name(p.name) for p in path.iterdir()):
         regions = np.zeros(ct.shape, np.uint8)
         found = []
         for file in sorted(path.iterdir()):
             label = lobe_from_name(file.name)
             if label and is_volume_file(file):
-                regions[_on_ct_grid(read_labels(file, "lobe mask"), ct) > 0] = label
+                mask = read_labels(file, "lobe mask")
+                differs = differs or grid_difference(mask, ct)
+                regions[_on_ct_grid(mask, ct) > 0] = label
                 found.append(LOBE_CODES[label])
         legend = dict(LOBES)
         source = f"one file per lobe ({', '.join(found)})"
     else:
         volume = read_labels(path, "lobe segmentation")
+        differs = grid_difference(volume, ct)
         values = set(np.unique(volume.array).tolist()) - {0}
         legend_in = _legend_for(path)
         if legend_in is not None and not all(map(lobe_from_name, legend_in.values())):
@@ -167,9 +212,11 @@ def read_regions(path: str | Path, ct: Volume, lungs: np.ndarray,
     lung = lungs > 0
     covered = np.count_nonzero(regions[lung]) / max(np.count_nonzero(lung), 1)
     if covered < MIN_LUNG_COVERAGE:
+        grid = (f" Its grid differs from the CT's: {differs}." if differs else
+                " It is on the CT's own grid.")
         raise InputError(f"{path}: the lobe segmentation covers only {covered:.0%} of the lungs "
                          "found in this CT; it does not belong to this CT or its geometry "
-                         "(origin, spacing, direction) is wrong.")
+                         f"(origin, spacing, direction) is wrong.{grid}")
     if covered < WARN_LUNG_COVERAGE:
         progress.log(f"{path}: the lobes cover {covered:.0%} of the lungs; the rest counts "
                      "only in the whole-lung and left/right measurements.")

@@ -2,8 +2,9 @@
 
 Shown in the radiological convention whatever the volume's direction: patient right on the
 image left, anterior up on the axial view, superior up on the coronal view. Both views are
-resampled to square pixels so that anatomy keeps its physical proportions. Written with
-SimpleITK only (no plotting library), atomically.
+resampled to square pixels so that anatomy keeps its physical proportions. Plain images
+are written with SimpleITK, atomically; figures with text (the case overlay) are drawn in
+plots.py with matplotlib.
 """
 from __future__ import annotations
 
@@ -103,10 +104,10 @@ def _canonical_index(index, axis_len, flipped, default):
     return axis_len - 1 - index if flipped else index
 
 
-def preview_rgb(ct: Volume, labels=None, label_colors=None, axial_index=None,
-                coronal_index=None, outline=None, outline_colors=None,
-                alpha: float = LABEL_ALPHA) -> np.ndarray:
-    """(H, W, 3) uint8: axial slice | coronal slice, lung window, overlays.
+def preview_views(ct: Volume, labels=None, label_colors=None, axial_index=None,
+                  coronal_index=None, outline=None, outline_colors=None,
+                  alpha: float = LABEL_ALPHA) -> tuple[np.ndarray, np.ndarray, float]:
+    """(axial RGB, coronal RGB, pixel size in mm): lung window, overlays, square pixels.
 
     labels: integer map on the CT grid shown as semi-transparent colours (label_colors:
     {value: (r, g, b)}, default LABEL_COLORS); outline: integer map whose regions are drawn
@@ -141,6 +142,15 @@ def preview_rgb(ct: Volume, labels=None, label_colors=None, axial_index=None,
             _outline(rgb, _views(canon[-1], spacing, z, y, pixel, 0)[view],
                      outline_colors or OUTLINE_COLORS)
         images.append(rgb)
+    return images[0], images[1], pixel
+
+
+def preview_rgb(ct: Volume, labels=None, label_colors=None, axial_index=None,
+                coronal_index=None, outline=None, outline_colors=None,
+                alpha: float = LABEL_ALPHA) -> np.ndarray:
+    """(H, W, 3) uint8: axial slice | coronal slice (see preview_views), side by side."""
+    *images, _ = preview_views(ct, labels, label_colors, axial_index, coronal_index, outline,
+                               outline_colors, alpha)
     height = max(im.shape[0] for im in images)
     width = sum(im.shape[1] for im in images) + GAP_PX
     out = np.zeros((height, width, 3), np.uint8)
@@ -148,66 +158,17 @@ def preview_rgb(ct: Volume, labels=None, label_colors=None, axial_index=None,
     out[:images[1].shape[0], images[0].shape[1] + GAP_PX:] = images[1]
     return out
 
-# A 5 x 7 bitmap font (our own design) for captions: seven rows of five bits per glyph, in
-# hex, leftmost column in the highest bit; lower case is shown as upper case.
-_GLYPHS = {
-    "A": "0E11111F111111", "B": "1E11111E11111E", "C": "0E11101010110E", "D": "1E11111111111E",
-    "E": "1F10101E10101F", "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
-    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
-    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E", "P": "1E11111E101010",
-    "Q": "0E11111115120D", "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
-    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
-    "Y": "11110A04040404", "Z": "1F01020408101F", "0": "0E11131519110E", "1": "040C040404040E",
-    "2": "0E11010204081F", "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E",
-    "6": "0608101E11110E", "7": "1F010204080808", "8": "0E11110E11110E", "9": "0E11110F01020C",
-    " ": "00000000000000", ".": "00000000000C0C", ",": "000000000C0408", ":": "000C0C000C0C00",
-    ";": "000C0C000C0408", "%": "18190204081303", "(": "02040808080402", ")": "08040202020408",
-    "-": "0000001F000000", "+": "0004041F040400", "/": "00010204081000", "_": "0000000000001F",
-    "=": "00001F001F0000", "'": "04040800000000", '"': "0A0A0A00000000", "!": "04040404040004",
-    "?": "0E110102040004", "<": "02040810080402", ">": "08040201020408", "[": "0E08080808080E",
-    "]": "0E02020202020E", "#": "0A0A1F0A1F0A0A", "*": "0004150E150400", "&": "0C12140815120D",
-    "|": "04040404040404", "@": "0E11171517100E", "~": "00000815020000",
-}
-GLYPH_W, GLYPH_H, TEXT_MARGIN = 6, 9, 4  # cell in pixels at scale 1 (glyph + spacing)
 
-
-def _glyph(char: str) -> np.ndarray:
-    code = _GLYPHS.get(char.upper(), _GLYPHS["?"])
-    rows = [int(code[i:i + 2], 16) for i in range(0, 14, 2)]
-    return np.array([[(r >> (4 - c)) & 1 for c in range(5)] for r in rows], dtype=bool)
-
-
-def text_block(lines: list[str], width: int) -> np.ndarray:
-    """(H, width, 3) uint8: the lines in light grey on black, wrapped to the width; twice
-    the size on images wide enough for 90 characters of it."""
-    scale = 2 if width >= 2 * GLYPH_W * 90 + 2 * TEXT_MARGIN else 1
-    per_line = max(1, (width - 2 * TEXT_MARGIN) // (GLYPH_W * scale))
-    wrapped = [line[i:i + per_line] for line in lines for i in range(0, max(len(line), 1),
-                                                                     per_line)]
-    bits = np.zeros((len(wrapped) * GLYPH_H + 2, width // scale), dtype=bool)
-    for row, line in enumerate(wrapped):
-        for col, char in enumerate(line):
-            y, x = row * GLYPH_H + 2, TEXT_MARGIN // scale + col * GLYPH_W
-            bits[y:y + 7, x:x + 5] = _glyph(char)
-    bits = np.kron(bits, np.ones((scale, scale), dtype=bool))
-    block = np.zeros((bits.shape[0], width, 3), np.uint8)
-    block[:, :bits.shape[1]][bits] = 230
-    return block
-
-
-def save_png(image: np.ndarray, path, text_lines=None) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG atomically, with optional text lines below."""
+def save_png(image: np.ndarray, path) -> Path:
+    """Write an (H, W, 3) uint8 image as PNG atomically (figures with text: plots.py)."""
     image = np.asarray(image, np.uint8)
-    if text_lines:
-        block = text_block(list(text_lines), image.shape[1])
-        image = np.concatenate([image, block], axis=0)
     with atomic_path(path) as temp:
         sitk.WriteImage(sitk.GetImageFromArray(image, isVector=True), str(temp))
     return Path(path)
 
 
 def render_preview(ct: Volume, path, labels=None, label_colors=None, axial_index=None,
-                   coronal_index=None, outline=None, text_lines=None) -> Path:
+                   coronal_index=None, outline=None) -> Path:
     """Axial + coronal preview PNG of a CT (see preview_rgb); returns the path written."""
     image = preview_rgb(ct, labels, label_colors, axial_index, coronal_index, outline)
-    return save_png(image, path, text_lines)
+    return save_png(image, path)

@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
 from .detection import CaseResult, Detector
-from .measurements import SUMMARY_KEYS
+from .measurements import COMPLETE, NOT_IN_SCAN, SUMMARY_KEYS
 from .regions import LOBE_CODES, LOBES
 from .volume_io import write_volume
 
@@ -37,25 +37,61 @@ def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
     return worst.region, z, y
 
 
-def region_table_lines(result: CaseResult) -> list[str]:
-    lines = [f"{'region':<20}{'vol mL':>8}{'EI %':>8}{'LAA950 %':>10}{'Perc15':>8}  stage"]
+TABLE_HEADER = ("Region", "Volume\n(mL)", "Emphysema\nindex (%)", "LAA-950\n(%)",
+                "Perc15\n(HU)", "Stage", "Coverage")
+
+
+def region_table(result: CaseResult) -> tuple[list[list[str]], list[int]]:
+    """The overlay's table rows (every region, absent lobes too) and the rows to highlight
+    (partial or not in scan)."""
+    rows, highlight = [], []
     for r in result.measurements:
-        if r.empty:
+        if r.empty and r.coverage != NOT_IN_SCAN:
             continue
-        lines.append(f"{r.region:<20}{r.volume_ml:>8.0f}{r.emphysema_index_percent:>8.2f}"
-                     f"{r.laa950_percent:>10.2f}{r.perc15_hu:>8.0f}  {r.stage}")
-    return lines
+        if r.coverage != COMPLETE:
+            highlight.append(len(rows))
+        if r.empty:
+            rows.append([r.region, "0", "-", "-", "-", "-", r.coverage])
+        else:
+            rows.append([r.region, f"{r.volume_ml:.0f}", f"{r.emphysema_index_percent:.2f}",
+                         f"{r.laa950_percent:.2f}", f"{r.perc15_hu:.0f}", r.stage, r.coverage])
+    return rows, highlight
 
 
-def write_overlay(result: CaseResult, path: Path, case: str) -> Path:
-    from .render import preview_rgb, save_png
+def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector | None = None
+                  ) -> Path:
+    from .plots import case_overlay, save_figure
+    from .render import LABEL_COLORS, LUNG_WINDOW, OUTLINE_COLORS, preview_views
 
     region, z, y = worst_region_view(result)
-    image = preview_rgb(result.ct, labels=result.emphysema, axial_index=z, coronal_index=y,
-                        outline=result.lungs)
-    title = (f"{case}: emphysema (red) over the CT; worst region: {region}; "
-             f"stage {result.measurements.whole.stage}")
-    return save_png(image, path, text_lines=[title, ""] + region_table_lines(result))
+    axial, coronal, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
+                                          coronal_index=y, outline=result.lungs)
+    if coronal.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip
+        coronal = None
+    whole = result.measurements.whole
+    rows, highlight = region_table(result)
+    notes = []
+    if whole.partial:
+        notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
+                     "are partial; their values describe the scanned part only.")
+    if any(r.coverage == NOT_IN_SCAN for r in result.measurements):
+        notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
+    threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""
+    kind = {"zones": "zones (thirds of each lung's height, not lobes)"}.get(
+        result.region_kind, result.region_kind)
+    title = (f"{case}: stage {whole.stage}"
+             + (" (partial scan)" if whole.partial else "")
+             + f", emphysema index {whole.emphysema_index_percent:.2f} %")
+    subtitle = f"Regions: {kind}. Views through the worst region: {region}."
+    legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill"),
+              ("right lung outline", OUTLINE_COLORS[1], "line"),
+              ("left lung outline", OUTLINE_COLORS[2], "line")]
+    sz = result.ct.geometry.spacing_zyx
+    fig = case_overlay(axial, coronal, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
+                       notes, legend, LUNG_WINDOW,
+                       (f"axial (slice {z + 1} of {result.ct.shape[0]}, {sz[0]:g} mm)",
+                        "coronal (patient right on the left)"))
+    return save_figure(fig, path)
 
 
 def write_case(result: CaseResult, detector: Detector, case: str, output_dir: Path) -> Path:
@@ -71,7 +107,7 @@ def write_case(result: CaseResult, detector: Detector, case: str, output_dir: Pa
         legend = {str(k): {"name": v, **({"code": LOBE_CODES[k]} if LOBES.get(k) == v else {})}
                   for k, v in sorted(result.legend.items())}
         (scratch / "regions.json").write_text(json.dumps(legend, indent=2))
-        write_overlay(result, scratch / "overlay.png", case)
+        write_overlay(result, scratch / "overlay.png", case, detector)
         (scratch / "report.json").write_text(
             json.dumps(report_dict(result, detector, case), indent=2))
         replace_folder(scratch, final)
@@ -101,21 +137,43 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
     }
 
 
+def stage_text(row) -> str:
+    """A region's stage as the worklist and the overlay show it, with its coverage."""
+    if row.coverage == NOT_IN_SCAN:
+        return NOT_IN_SCAN
+    if row.stage is None:
+        return ""
+    return f"{row.stage} (partial)" if row.partial else row.stage
+
+
 def summary_row(case: str, result: CaseResult | None = None, error: str | None = None) -> dict:
     row = {"case": case}
     if result is not None:
         whole = result.measurements.whole.to_dict()
-        row.update({"anomaly_score": result.anomaly_score, **{k: whole[k] for k in SUMMARY_KEYS}})
+        row.update({"anomaly_score": result.anomaly_score, **{k: whole[k] for k in SUMMARY_KEYS},
+                    "coverage": whole["coverage"]})
         for r in [*result.measurements.lungs, *result.measurements.regions]:
-            row[f"stage {r.region}"] = r.stage
+            row[f"stage {r.region}"] = stage_text(r)
     row["error"] = error or ""
     return row
+
+
+def _region_rank(name: str) -> tuple:
+    """Anatomical order of a region: right lung, left lung, then right before left and each
+    side from upper to lower (lobes, then zones); other regions after, by name."""
+    if name in ("right lung", "left lung"):
+        return (0, name != "right lung")
+    words = set(name.split())
+    side = 0 if "right" in words else 1 if "left" in words else 2
+    level = next((i for i, w in enumerate(("upper", "middle", "lower")) if w in words), 3)
+    return (1 if side < 2 and level < 3 else 2, side, "zone" in words, level, name)
 
 
 def write_summary(rows: list[dict], path: Path) -> Path:
     """The worklist: one row per case, highest anomaly score first, failures last."""
     ordered = sorted(rows, key=lambda r: (r["error"] != "", -(r.get("anomaly_score") or 0.0)))
-    extra = sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS) - {"error"})
+    extra = sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS) - {"error"},
+                   key=lambda k: (k != "coverage", _region_rank(k.removeprefix("stage "))))
     columns = list(SUMMARY_COLUMNS) + extra + ["error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")

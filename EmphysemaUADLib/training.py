@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ RESIDUAL_EDGES = np.linspace(0.0, 1.0, 4001)[1:-1]
 class TrainOptions:
     healthy: list[str]
     output: str
-    epochs: int = 100
+    epochs: int | None = None  # None: DEFAULT_EPOCHS for a new run, the run's own on resume
     width: int = 64
     batch_size: int = 32
     size: int = 384
@@ -80,7 +80,7 @@ class TrainOptions:
 
     def check(self) -> None:
         for name in ("epochs", "width", "batch_size", "max_val_slices"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise setting_error(name, f"must be at least 1 (got {getattr(self, name)}).")
         if self.size < 16 or self.size % 16:
             raise setting_error("size", f"must be a multiple of 16 (got {self.size}).")
@@ -100,6 +100,7 @@ class TrainOptions:
                                 f"must lie between 0 and 1 (got {self.val_fraction}).")
 
 
+DEFAULT_EPOCHS = 100
 # What defines a run: on --resume these come from last.pt.
 RUN_KEYS = ("epochs", "width", "batch_size", "size", "patch_size", "steps_per_epoch", "seed",
             "val_fraction", "max_val_slices", "anomaly_loss", "lr", "weight_decay", "scrb",
@@ -371,19 +372,29 @@ def selection_score(auroc: float | None) -> float:
     return -1.0 if auroc is None else auroc
 
 
+CHANCE_AUROC = 0.6  # below: the model hardly separates lesion voxels from healthy ones
+
+
 def threshold_warning(history: list[dict], min_dice: float = 0.05) -> str | None:
-    """A warning when the epoch saved as best.pt ranks lesion voxels but flags almost none at
-    its threshold: a run can settle with every lesion probability on one value under 0.5,
-    and detect would then find nothing while the AUROC looks fine."""
+    """A warning when the epoch saved as best.pt flags almost no lesion voxel at its
+    threshold, worded by what validation measured: an AUROC near chance (undertrained), or
+    a good AUROC with every lesion probability on one value under the threshold (a
+    collapsed output, where detect would find nothing while the AUROC looks fine)."""
     validated = [r for r in history if "auroc" in r]
     if not validated:
         return None
     best = max(validated, key=lambda r: selection_score(r["auroc"]))  # first of equals
     if best["auroc"] is None or best["dice"] is None or best["dice"] >= min_dice:
         return None
-    return (f"the best model ranks lesion voxels (validation AUROC {best['auroc']:.3f}) but "
-            f"flags almost none at its threshold {best['threshold']:g} (validation Dice "
-            f"{best['dice']:.3f}), so detect would report no emphysema; retrain with another "
+    if best["auroc"] < CHANCE_AUROC:
+        return (f"the best model is undertrained: its validation AUROC {best['auroc']:.3f} is "
+                f"near chance (0.5) and it flags almost no lesion voxel (validation Dice "
+                f"{best['dice']:.3f}), so detect would report no emphysema; train longer "
+                f"(--resume with a larger --epochs) or with more healthy CTs.")
+    return (f"the best model separates lesion voxels from healthy ones (validation AUROC "
+            f"{best['auroc']:.3f}) but its probabilities stay under its threshold "
+            f"{best['threshold']:g}, so it flags almost none (validation Dice "
+            f"{best['dice']:.3f}) and detect would report no emphysema; retrain with another "
             f"--seed.")
 
 
@@ -416,13 +427,18 @@ def _resumed_options(opts: TrainOptions, saved: dict, progress: Progress) -> Tra
     """The run's saved settings; a warning for those asked for otherwise (a value left at
     its default is not taken as asked for)."""
     defaults = {f.name: f.default for f in fields(TrainOptions)}
-    changed = [k for k in RUN_KEYS if getattr(opts, k) not in (saved.get(k), defaults[k])]
+    extend = opts.epochs is not None and opts.epochs > saved.get("epochs", opts.epochs)
+    changed = [k for k in RUN_KEYS if getattr(opts, k) not in (saved.get(k), defaults[k])
+               and not (k == "epochs" and extend)]
     if changed:
         progress.log("resuming with the run's own settings; ignoring "
                      + ", ".join(f"--{k.replace('_', '-')} {getattr(opts, k)} (run: "
                                  f"{saved.get(k)})" for k in changed), "warning")
     values = asdict(opts)
     values.update({k: saved[k] for k in RUN_KEYS if k in saved})
+    if extend:  # "train longer": the cosine schedule is stretched over the new length
+        progress.log(f"extending the run from {saved['epochs']} to {opts.epochs} epochs.")
+        values["epochs"] = opts.epochs
     return TrainOptions(**values)
 
 
@@ -482,12 +498,17 @@ class Trainer:
             if self.last_path.exists():
                 raise InputError(f"{out} already holds a training run (last.pt); continue it with "
                                  "resume, or choose another output folder.", "resume", "output")
+            if self.opts.epochs is None:
+                self.opts = replace(self.opts, epochs=DEFAULT_EPOCHS)
             return None
         if not self.last_path.is_file():
             raise InputError(f"{self.last_path}: not found; there is no run to resume in {out}.")
         saved = load_checkpoint(self.last_path)
         self.opts = _resumed_options(self.opts, saved.training_state["options"], self.progress)
         self.resumed = True
+        if saved.training_state["epochs_done"] >= self.opts.epochs:
+            self.progress.log(f"the run in {out} is finished ({self.opts.epochs} epochs); "
+                              "resume with a larger --epochs to train longer.", "warning")
         return saved
 
     def _load_data(self) -> None:

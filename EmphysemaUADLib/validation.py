@@ -588,49 +588,53 @@ def _x_axis(report: dict):
             [(0, "normal"), (1, "emphysema")])
 
 
-def score_chart(report: dict) -> np.ndarray:
+def score_chart(report: dict):
     """One panel per score: each image as a point at its severity (coloured by pattern,
     spread sideways a little), and the median of each severity joined by a line."""
-    from .plots import line_chart, nice_range, side_by_side
+    from .plots import COLORS, new_figure
 
     cases = report["cases"]
     x_label, x, ticks = _x_axis(report)
     x = np.asarray(x, float)
-    groups = (list(dict.fromkeys(c["pattern"] for c in cases)) if "pattern" in
-              report["label_columns"] else ["all"])
-    member = np.array([c["pattern"] if "pattern" in report["label_columns"] else "all"
-                       for c in cases], dtype=object)
+    by_pattern = "pattern" in report["label_columns"]
+    member = np.array([c["pattern"] if by_pattern else "all" for c in cases], dtype=object)
     jitter = np.zeros(len(cases))
     for value in np.unique(x):
         same = np.flatnonzero(x == value)
-        jitter[same] = (np.linspace(-0.25, 0.25, len(same)) if len(same) > 1 else 0.0)
-    panels = []
-    for score in report["metrics"]["scores"]:
+        jitter[same] = np.linspace(-0.25, 0.25, len(same)) if len(same) > 1 else 0.0
+    scores = report["metrics"]["scores"]
+    fig, axes = new_figure(3.0 * len(scores), 3.6, panels=len(scores))
+    for ax, score in zip(axes, scores):
         key = score["key"]
         raw = key == "perc15"  # shown in HU, as read (ranked as -Perc15)
         y = np.array([np.nan if c[f"score_{key}"] is None else c[f"score_{key}"]
                       for c in cases], float)
         y = -y if raw else y
-        series = [(group, (x + jitter)[member == group], y[member == group], "points")
-                  for group in groups]
+        for k, group in enumerate(dict.fromkeys(member)):
+            on = member == group
+            ax.scatter((x + jitter)[on], y[on], s=16, color=COLORS[k % len(COLORS)],
+                       label=group, alpha=0.8, edgecolors="none")
         levels = [v for v, _ in ticks if np.any(x == v)]
         medians = [np.nanmedian(y[x == v]) if np.isfinite(y[x == v]).any() else np.nan
                    for v in levels]
-        series.append(("median", levels, medians, "line"))
+        ax.plot(levels, medians, color="black", linewidth=1.5, label="median")
         unit = {"anomaly_score": " (%)", "model_ei": " (%)", "laa950": " (%)",
                 "laa910": " (%)", "perc15": " (HU)"}.get(key, "")
-        title = f"{score['label']}{unit}" + (" lower = more" if raw else "")
-        panels.append(line_chart(series, title, x_label, "", x_range=(ticks[0][0] - 0.5,
-                                 ticks[-1][0] + 0.5), y_range=nice_range(y), x_ticks=ticks,
-                                 size=(300, 330)))
-    return side_by_side(panels)
+        ax.set_title(f"{score['label']}{unit}" + ("\nlower = more" if raw else ""),
+                     fontsize=9)
+        ax.set_xticks([v for v, _ in ticks], [label for _, label in ticks])
+        ax.set_xlim(ticks[0][0] - 0.5, ticks[-1][0] + 0.5)
+        ax.set_xlabel(x_label)
+        ax.grid(True, axis="y", color="0.88")
+    axes[0].legend(loc="best", fontsize=7)
+    return fig
 
 
 def write_outputs(report: dict, output_dir) -> list[Path]:
     """report.json, report.md, cases.csv and scores_by_severity.png, each written whole then
     renamed into place."""
     from .atomic import write_text_atomic
-    from .render import save_png
+    from .plots import save_figure
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -638,7 +642,7 @@ def write_outputs(report: dict, output_dir) -> list[Path]:
     return [write_text_atomic(folder / "report.json", json.dumps(report, indent=1)),
             write_text_atomic(folder / "report.md", markdown(report)),
             write_text_atomic(folder / "cases.csv", cases_csv(report["cases"])),
-            save_png(score_chart(report), folder / f"scores_by_{x_label}.png")]
+            save_figure(score_chart(report), folder / f"scores_by_{x_label}.png")]
 
 
 # --- the command ------------------------------------------------------------------------

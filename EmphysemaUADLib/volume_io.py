@@ -6,8 +6,10 @@ output written with :func:`write_volume` overlays its input exactly.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -100,16 +102,56 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     _, count, sid, files, description, _ = max(c for c in candidates if c[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: DICOM series {sid} could not be read "
-                         f"({_first_line(exc)}).") from None
+        image = _quietly(reader.Execute)
+    except RuntimeError:
+        raise InputError(f"{folder}: DICOM series {sid} could not be read; a file of it is "
+                         "damaged or not an image.") from None
+    _check_slice_positions(reader, len(files), folder)
     note = ""
     if len(candidates) > 1:
         note = (f"{folder}: {len(candidates)} DICOM series found; using the largest CT series "
                 f"{sid} ({count} images{', ' + description if description else ''}).")
     return image, note
+
+
+SLICE_GAP_TOLERANCE = 0.2  # share of the slice spacing by which a step may differ
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, count: int, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (a slice missing, or mixed spacing):
+    ITK would stack them on one average spacing and every position would be wrong."""
+    if count < 3:
+        return
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032")
+                               .replace(" ", "").split("\\")] for i in range(count)])
+        orientation = [float(v) for v in reader.GetMetaData(0, "0020|0037")
+                       .replace(" ", "").split("\\")]
+    except (RuntimeError, ValueError):
+        return  # no positions to check (ITK then uses the slice thickness)
+    if positions.shape != (count, 3) or len(orientation) != 6:
+        return
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.sort(positions @ normal)
+    steps = np.diff(along)
+    typical = float(np.median(steps))
+    if typical <= 0:
+        raise InputError(f"{folder}: {count - len(np.unique(np.round(along, 3)))} slices of "
+                         "the DICOM series share a position (a duplicate or a second series "
+                         "with the same ID); remove the duplicates.")
+    odd = np.flatnonzero(np.abs(steps - typical) > SLICE_GAP_TOLERANCE * typical)
+    if odd.size:
+        i = int(odd[0])
+        missing = steps[i] / typical - 1
+        what = (f"about {missing:.0f} slice{'s' if round(missing) > 1 else ''} missing"
+                if missing > 0.5 else "uneven slice spacing")
+        raise InputError(f"{folder}: the DICOM series is not evenly spaced: {what} between "
+                         f"slice positions {along[i]:.2f} and {along[i + 1]:.2f} mm (spacing "
+                         f"{steps[i]:.2f} mm, elsewhere {typical:.2f} mm; {odd.size} such "
+                         "step(s)); its geometry would be wrong. Complete the series, or "
+                         "resample it to even spacing first.")
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -192,13 +234,24 @@ def read_image(path: str | os.PathLike, what: str = "image") -> tuple[sitk.Image
         image, note = _read_dicom_folder(p)
     else:
         try:
-            image = sitk.ReadImage(str(p))
+            size = p.stat().st_size
+        except OSError as exc:
+            raise InputError(f"{p}: cannot be read ({exc.strerror}).") from None
+        if size == 0:
+            raise InputError(f"{p}: the file is empty (0 bytes); copy it again from its "
+                             "source.")
+        try:
+            image = _quietly(sitk.ReadImage, str(p))
         except RuntimeError as exc:
-            if "spacing" in str(exc).lower():  # ITK refuses zero spacing while reading
+            text = str(exc).lower()
+            if "spacing" in text:  # ITK refuses zero spacing while reading
                 raise InputError(f"{p}: voxel spacing is zero or negative; the file's header "
                                  "is damaged.") from None
-            raise InputError(f"{p}: cannot read this {what} ({_first_line(exc)}); it may be "
-                             "truncated or not a supported format (NIfTI, NRRD, MHA/MHD, "
+            if "unable to determine imageio reader" in text:
+                raise InputError(f"{p}: not a supported {what} format (NIfTI .nii/.nii.gz, "
+                                 "NRRD, MHA/MHD, or a DICOM series folder).") from None
+            raise InputError(f"{p}: cannot read this {what}; the file is truncated or "
+                             "damaged, or not a supported format (NIfTI, NRRD, MHA/MHD, "
                              "DICOM folder).") from None
     if p.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(p, image)
@@ -302,7 +355,15 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with scratch_folder(target.parent) as scratch:
-        sitk.WriteImage(to_image(array, geometry), str(scratch / target.name), True)
+        try:
+            _quietly(sitk.WriteImage, to_image(array, geometry), str(scratch / target.name),
+                     True)
+        except RuntimeError:  # ITK says "wrote only 0 of N bytes": say why, without ITK
+            free = shutil.disk_usage(target.parent).free
+            needed = array.nbytes
+            if free < needed + (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from None
+            raise OSError(errno.EIO, "the image could not be written", str(target)) from None
         written = sorted(scratch.iterdir(), key=lambda f: f.name == target.name)
         for f in written:
             move_into_place(f, target.parent / f.name)

@@ -114,7 +114,8 @@ def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe)
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
-    args = ["detect", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    (tmp_path / "ct.nii.gz").write_bytes(b"options are refused before any input is read")
+    args = ["detect", str(tmp_path / "ct.nii.gz"), "--output-dir", str(tmp_path / "o")]
     assert main(args + ["--threshold", "1.5"]) == 2
     assert "threshold" in capsys.readouterr().err
     assert main(args + ["--model", str(tmp_path / "missing.pt")]) == 2

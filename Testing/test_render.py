@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from EmphysemaUADLib.errors import InputError
-from EmphysemaUADLib.render import GAP_PX, preview_rgb, render_preview, save_png
+from EmphysemaUADLib.render import GAP_PX, preview_rgb, render_preview
 from EmphysemaUADLib.volume_io import Geometry, Volume
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -42,34 +42,37 @@ def test_radiological_orientation_and_physical_aspect(direction):
     assert coronal[:, 5:].max() < 255
 
 
-def test_render_preview_writes_a_png_with_overlay_and_text(tmp_path):
+def test_render_preview_writes_a_png_with_overlay(tmp_path):
     ct = marked_volume()
     labels = np.zeros(ct.shape, np.uint8)
     labels[5, 10:15, 10:20] = 1
     outline = np.zeros(ct.shape, np.uint8)
     outline[:, 3:18, 2:28] = 1
-    path = render_preview(ct, tmp_path / "sub" / "p.png", labels=labels, outline=outline,
-                          text_lines=["Severe 12.5% (RUL)"])
+    path = render_preview(ct, tmp_path / "sub" / "p.png", labels=labels, outline=outline)
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    assert image.shape[1] == 64 and image.shape[0] > 30 and image.shape[2] == 3
+    assert image.shape == (30, 64, 3)
     assert sorted(p.name for p in path.parent.iterdir()) == ["p.png"]  # nothing left over
     # default axial slice: the one with the most labels (z = 5); lesion tinted red
     axial = image[:20, :30].astype(int)
     lesion = axial[12, 15]
     assert lesion[0] > lesion[1] + 40
     assert tuple(axial[3, 10]) != tuple(axial[4, 10])  # the outline's top edge
-    text = image[31:]
-    assert text.max() > 200 and text.min() == 0
 
 
-def test_text_wraps_to_the_image_width(tmp_path):
-    image = np.zeros((10, 40, 3), np.uint8)
-    one = sitk.GetArrayFromImage(sitk.ReadImage(str(save_png(image, tmp_path / "a.png",
-                                                              ["abc"]))))
-    many = sitk.GetArrayFromImage(sitk.ReadImage(str(save_png(image, tmp_path / "b.png",
-                                                               ["x" * 30]))))
-    assert one.shape[1] == many.shape[1] == 40
-    assert many.shape[0] > one.shape[0] > 10
+def test_figures_have_a_fixed_size_whatever_the_ct(tmp_path):
+    """The case overlay (matplotlib) is 1200 x 1000 px for a tiny and a one-slice CT."""
+    from EmphysemaUADLib.plots import case_overlay, save_figure
+    from EmphysemaUADLib.render import preview_views
+
+    for n, ct in enumerate((marked_volume(), Volume(marked_volume().array[:1],
+                                                      marked_volume().geometry))):
+        axial, coronal, pixel = preview_views(ct)
+        fig = case_overlay(axial, coronal if coronal.shape[0] > 2 else None, pixel, "title",
+                           "subtitle", ("Region", "Volume\n(mL)"), [["whole lung", "1"]],
+                           highlight=[0], notes=["note"])
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(save_figure(fig, tmp_path /
+                                                                      f"{n}.png"))))
+        assert image.shape[:2] == (1000, 1200)
 
 
 def test_bad_overlay_and_index_are_refused():

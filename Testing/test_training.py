@@ -218,12 +218,12 @@ def test_resume_reproduces_the_next_step(healthy, cache_dir, tmp_path):
                   on_step=interrupt_after_three)
     assert first.interrupted_by == signal.SIGINT and first.exit_code == 130 and first.steps == 3
     resumed, stream = {}, io.StringIO()
-    result = train(options(healthy, cache_dir, tmp_path / "b", resume=True, epochs=99),
+    result = train(options(healthy, cache_dir, tmp_path / "b", resume=True, epochs=1),
                    Progress("json", stream=stream),
                    on_step=lambda s, loss: resumed.setdefault(s, loss))
     assert list(resumed) == [4] and result.interrupted_by is None
     warning = json.loads(stream.getvalue().splitlines()[0])  # the run's own settings win
-    assert warning["level"] == "warning" and "--epochs 99 (run: 2)" in warning["message"]
+    assert warning["level"] == "warning" and "--epochs 1 (run: 2)" in warning["message"]
     assert resumed[4] == pytest.approx(losses[4], abs=1e-6)
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")

@@ -126,7 +126,7 @@ def test_refusals(tmp_path):
     ok = ct_like()
     with pytest.raises(InputError, match="no such file"):
         read_ct(tmp_path / "absent.nii.gz")
-    assert "cannot read" in refusal(tmp_path, "text.nii.gz", raw=b"not an image\n")
+    assert "not a supported" in refusal(tmp_path, "text.nii.gz", raw=b"not an image\n")
     whole = tmp_path / "whole.nii"
     sitk.WriteImage(sitk.GetImageFromArray(ok), str(whole))
     data = whole.read_bytes()

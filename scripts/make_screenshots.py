@@ -9,22 +9,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from EmphysemaUADLib.lungs import segment_lungs
 from EmphysemaUADLib.phantom import make_phantom
-from EmphysemaUADLib.render import preview_rgb, save_png, text_block
+from EmphysemaUADLib.plots import grey_colorbar, image_panel, legend_patches, save_figure
+from EmphysemaUADLib.render import LUNG_WINDOW, OUTLINE_COLORS, preview_views
 from EmphysemaUADLib.volume_io import read_ct
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def panel(ct, caption: str) -> np.ndarray:
-    image = preview_rgb(ct, outline=segment_lungs(ct))
-    return np.concatenate([image, text_block([caption], image.shape[1])], axis=0)
-
-
 def main() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", default=str(ROOT.parent / "shared/data/chest-ct-dicom"))
     parser.add_argument("--output", default=str(ROOT / "Resources/Screenshots/"
@@ -33,12 +30,20 @@ def main() -> None:
     real = read_ct(args.real)
     spacing = real.geometry.spacing_zyx
     phantom = make_phantom(seed=7, shape=real.shape, spacing=spacing, noise=20.0).ct
-    panels = [panel(phantom, "phantom (emphysema-uad phantom --seed 7 --noise 20), "
-                             "lungs outlined"),
-              panel(real, "real CT (POPI 4D-CT phase, Philips Brilliance), lungs outlined")]
-    width = max(p.shape[1] for p in panels)
-    rows = [np.pad(p, ((0, 8), (0, width - p.shape[1]), (0, 0))) for p in panels]
-    print(f"written: {save_png(np.concatenate(rows, axis=0), args.output)}")
+    fig = Figure(figsize=(11, 10.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    for row, (ct, caption) in zip(axes, (
+            (phantom, "phantom (emphysema-uad phantom --seed 7 --noise 20)"),
+            (real, "real CT (POPI 4D-CT phase, Philips Brilliance)"))):
+        axial, coronal, pixel = preview_views(ct, outline=segment_lungs(ct))
+        image_panel(row[0], axial, f"{caption}\naxial", pixel_mm=pixel)
+        image_panel(row[1], coronal, "\ncoronal", top="S", pixel_mm=pixel)
+    grey_colorbar(fig, list(axes.ravel()), LUNG_WINDOW)
+    legend_patches(fig, [("right lung (segmentation outline)", OUTLINE_COLORS[1], "line"),
+                         ("left lung", OUTLINE_COLORS[2], "line")],
+                   loc="outside lower center", ncols=2)
+    print(f"written: {save_figure(fig, args.output)}")
 
 
 if __name__ == "__main__":
