@@ -269,6 +269,10 @@ def _add_train(sub) -> None:
     _add_device(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in MODEL_DIR from last.pt")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from this checkpoint's network and weights ("
+                        "'bundled' = the default model), e.g. on your own scanner's healthy "
+                        "CTs; its width and variant replace --width and the variant flags")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial "
                                                        "weights and the lesions")
     _add_progress(p)
@@ -281,6 +285,13 @@ def _add_train(sub) -> None:
                                action="store_true" if variant.value else "store_false",
                                help=f"{variant.help} (baseline {variant.name})")
     p.set_defaults(run=_run_train)
+
+
+def _initial_model(name: str | None) -> str | None:
+    if name != "bundled":
+        return name
+    from .modelinfo import default_model_path
+    return str(default_model_path())
 
 
 def _run_train(args) -> int:
@@ -298,6 +309,7 @@ def _run_train(args) -> int:
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
         max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
         device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers,
+        init_from=_initial_model(args.init_from),
         **{v.option: getattr(args, v.option) for v in VARIANTS.values()})
     result = train(options, progress)
     if result.interrupted_by:

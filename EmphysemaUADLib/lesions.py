@@ -32,6 +32,13 @@ ELIGIBLE_BELOW_HU = -600.0
 NATIVE_AIR_HU = -950.0  # locally (~1 voxel) below this: airway lumen or native emphysema
 FULL_EFFECT_BELOW_HU = -650.0  # a 50 HU ramp keeps vessel edges from turning into hard steps
 LOWEST_HU = -1024.0  # the floor of stored CT values on most scanners
+LOWEST_AIR_HU = -1000.0  # air: no tissue left
+TISSUE_SCALE_MM = 2.0  # local parenchymal density: Gaussian sigma over which it is averaged
+# Tissue left in a lesion (share of the local density above air), drawn uniformly per lesion:
+# real holes on thin-slice CT read -880..-990 HU through partial volume and noise, not a
+# constant -975 HU; panlobular emphysema is a diffuse, partial loss.
+REMAINING = {"centrilobular": (0.0, 0.55), "paraseptal": (0.0, 0.35), "bullous": (0.0, 0.1),
+             "panlobular": (0.3, 0.7)}
 
 
 # --- the image being edited ---------------------------------------------------------------
@@ -52,6 +59,7 @@ class _Scene:
         self.weight = np.clip(ramp, 0.0, 1.0).astype(np.float32) * self.eligible
         self.edge = float(np.mean(spacing[-2:]))  # soft-edge width: about one in-plane voxel
         self.texture = _fine_texture(hu) if keep_noise else np.float32(0.0)
+        self.tissue = tissue_density(hu, spacing)
         self.height = _relative_height(lungs, superior) if hu.ndim == 3 else None
         self._depth = None
 
@@ -75,6 +83,13 @@ class _Scene:
         self.label |= (w >= 0.5) & self.free
         if spared is not None:
             self.label &= spared < 0.25
+
+    def thinned(self, remaining) -> np.ndarray:
+        """HU after keeping only `remaining` (0..1, scalar or map) of the local tissue:
+        emphysema destroys alveolar walls, so a lesion is less tissue than its surroundings,
+        not a fixed air value (a hole in dense lung stays denser than one in a hyperinflated
+        lung, and partial volume is kept)."""
+        return LOWEST_AIR_HU + remaining * (self.tissue - LOWEST_AIR_HU)
 
     def coordinates(self, flat_index) -> np.ndarray:
         return np.stack(np.unravel_index(flat_index, self.shape), axis=-1)
@@ -107,6 +122,14 @@ def _fine_texture(hu) -> np.ndarray:
         return np.zeros_like(texture)
     limit = 3.0 * 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
     return np.clip(texture, -limit, limit)
+
+
+def tissue_density(hu, spacing) -> np.ndarray:
+    """Local parenchymal density (HU): the image with vessels clipped to -600 HU, averaged
+    over about 2 mm in-plane, so that a lesion's density follows the lung around it."""
+    lung_range = np.clip(hu, LOWEST_AIR_HU, ELIGIBLE_BELOW_HU)
+    sigma = [0.0] * (hu.ndim - 2) + [TISSUE_SCALE_MM / s for s in spacing[-2:]]
+    return ndimage.gaussian_filter(lung_range, sigma)
 
 
 def _relative_height(lungs, superior: int) -> np.ndarray:
@@ -196,7 +219,7 @@ class _Holes:
     def finish(self, wall_hu=None, dot_hu=None) -> None:
         s = self.scene
         membership = np.clip(0.5 + self.reach / s.edge, 0.0, 1.0)
-        s.blend(membership, self.density + s.texture, np.maximum(self.wall, self.dot))
+        s.blend(membership, s.thinned(self.density) + s.texture, np.maximum(self.wall, self.dot))
         for weight, hu in ((self.wall, wall_hu), (self.dot, dot_hu)):
             if hu is not None:
                 s.out += weight * s.weight * (hu - s.out)
@@ -258,7 +281,7 @@ def _centrilobular(scene: _Scene, target: int) -> None:
             diameters = np.exp(rng.uniform(math.log(2.0), math.log(10.0), len(points)))
             for p, d in zip(points, diameters):
                 has_dot = d >= 3.0 and rng.random() < 0.7
-                yield dict(centre=p, radius=d / 2, density=rng.uniform(-995.0, -965.0),
+                yield dict(centre=p, radius=d / 2, density=rng.uniform(*REMAINING["centrilobular"]),
                            stretch=_stretch(rng, p.size), dot=dot_amplitude * has_dot)
 
     _fill(holes, propose)
@@ -285,7 +308,7 @@ def _paraseptal(scene: _Scene, target: int) -> None:
         for _ in range(2 + rng.poisson(4)):
             radius = max(holes.fitting(float(np.clip(size * rng.uniform(0.75, 1.25), 2.5, 10.0))),
                          2.5)
-            yield dict(centre=current, radius=radius, density=rng.uniform(-1000.0, -975.0),
+            yield dict(centre=current, radius=radius, density=rng.uniform(*REMAINING["paraseptal"]),
                        stretch=_stretch(rng, current.size), wall=0.6)
             near = np.asarray(tree.query_ball_point(current * scene.spacing, 2.4 * radius),
                               dtype=int)
@@ -320,7 +343,7 @@ def _bullous(scene: _Scene, target: int) -> None:
         flat = np.flatnonzero(where)
         if flat.size:
             yield dict(centre=scene.coordinates(flat[rng.integers(flat.size)]), radius=radius,
-                       density=rng.uniform(-1000.0, -985.0), stretch=_stretch(rng, free.ndim),
+                       density=rng.uniform(*REMAINING["bullous"]), stretch=_stretch(rng, free.ndim),
                        wall=1.0)
 
     _fill(holes, propose)
@@ -329,8 +352,8 @@ def _bullous(scene: _Scene, target: int) -> None:
 
 # --- diffuse and published -----------------------------------------------------------------
 def _panlobular(scene: _Scene, target: int) -> None:
-    """Diffuse, gradual density loss over large regions towards -960..-980 HU, lower-zone
-    predominant; labelled where the pull is at least half (an HU shift of ~50 HU or more)."""
+    """Diffuse, gradual loss of 30-70 % of the tissue over large regions (lobules up to most
+    of a lobe), lower-zone predominant; labelled where the pull is at least half."""
     rng = scene.rng
     free = scene.free
     score = _smooth_field(scene.shape, scene.spacing, rng.uniform(15.0, 30.0), rng)
@@ -342,7 +365,7 @@ def _panlobular(scene: _Scene, target: int) -> None:
     threshold = float(np.partition(values, max(values.size - target, 0))[
         max(values.size - target, 0)])
     membership = np.clip(0.5 + (score - threshold) / 0.6, 0.0, 1.0)  # soft over several mm
-    scene.blend(membership, rng.uniform(-980.0, -960.0) + scene.texture)
+    scene.blend(membership, scene.thinned(rng.uniform(*REMAINING["panlobular"])) + scene.texture)
 
 
 def _worley(scene: _Scene, target: int) -> None:

@@ -72,6 +72,7 @@ class TrainOptions:
     gate: bool = True
     detach_fusion: bool = False
     reconstruction_only: bool = False  # no anomaly term; detection by the residual
+    init_from: str | None = None  # a checkpoint whose network (and weights) the run starts from
     # per invocation, not part of the run's identity:
     device: str = "auto"
     resume: bool = False
@@ -104,7 +105,7 @@ DEFAULT_EPOCHS = 100
 # What defines a run: on --resume these come from last.pt.
 RUN_KEYS = ("epochs", "width", "batch_size", "size", "patch_size", "steps_per_epoch", "seed",
             "val_fraction", "max_val_slices", "anomaly_loss", "lr", "weight_decay", "scrb",
-            "gate", "detach_fusion", "reconstruction_only")
+            "gate", "detach_fusion", "reconstruction_only", "init_from")
 
 
 # --- samples ------------------------------------------------------------------------------
@@ -535,9 +536,13 @@ class Trainer:
         torchrun, its optimiser and the learning-rate schedule."""
         opts, device = self.opts, self.device
         torch.manual_seed(opts.seed)
-        model = (build_model(saved.config["model"]) if saved else
-                 EDLNet(width=opts.width, scrb=opts.scrb, gate=opts.gate,
-                        detach_fusion=opts.detach_fusion))
+        if saved:
+            model = build_model(saved.config["model"])
+        elif opts.init_from:
+            model = self._initial_model(opts.init_from)
+        else:
+            model = EDLNet(width=opts.width, scrb=opts.scrb, gate=opts.gate,
+                           detach_fusion=opts.detach_fusion)
         self.voxel_score = "residual" if opts.reconstruction_only else "anomaly"
         self.anomaly_loss = None if opts.reconstruction_only else opts.anomaly_loss
         if saved:
@@ -557,6 +562,23 @@ class Trainer:
         self.total = opts.epochs * self.steps_per_epoch
         warmup_epochs = max(1, round(WARMUP_SHARE * opts.epochs)) if opts.epochs > 1 else 0
         self.warmup = warmup_epochs * self.steps_per_epoch
+
+    def _initial_model(self, path) -> EDLNet:
+        """Fine-tuning: the network of checkpoint `path`, with its weights; its architecture
+        replaces the run's width and variant settings, which are reported when they differ."""
+        start = load_checkpoint(path)
+        model = build_model(start.config["model"])
+        model.load_state_dict(start.state_dict)
+        asked = {"width": self.opts.width, "scrb": self.opts.scrb, "gate": self.opts.gate,
+                 "detach_fusion": self.opts.detach_fusion}
+        differ = {k: model.config[k] for k, v in asked.items()
+                  if k in model.config and model.config[k] != v}
+        if differ:
+            self.opts = replace(self.opts, **differ)
+            self.progress.log(f"starting from {path}: its network ("
+                              + ", ".join(f"{k} {v}" for k, v in differ.items())
+                              + ") replaces the one asked for", "info")
+        return model
 
     def _restore(self, state: dict) -> None:
         """Optimiser, RNG and progress of a resumed run, as `save_last` left them."""

@@ -231,6 +231,40 @@ def test_resume_reproduces_the_next_step(healthy, cache_dir, tmp_path):
         torch.testing.assert_close(b.state_dict[key], value, rtol=0, atol=1e-6)
 
 
+def test_init_from_starts_with_the_given_network_and_weights(healthy, cache_dir, tmp_path):
+    quiet = Progress("none")
+    train(options(healthy, cache_dir, tmp_path / "base", width=6), quiet)
+    start = load_checkpoint(tmp_path / "base" / "best.pt")
+    first = {}
+
+    def weights_before_first_step(step, loss):
+        first.setdefault(step, loss)
+
+    stream = io.StringIO()
+    # width 4 asked for; the checkpoint's width 6 wins and is reported
+    result = train(options(healthy, cache_dir, tmp_path / "tuned", epochs=1,
+                           init_from=str(tmp_path / "base" / "best.pt")),
+                   Progress("json", stream=stream), on_step=weights_before_first_step)
+    assert any("width 6" in json.loads(line).get("message", "")
+               for line in stream.getvalue().splitlines())
+    tuned = load_checkpoint(result.last_path)
+    assert tuned.config["model"]["width"] == 6
+    assert tuned.config["training"]["init_from"] == str(tmp_path / "base" / "best.pt")
+    # a fine-tune starts from the weights, not from a fresh network: its first loss is the
+    # loss of the starting model, below a fresh network's on the same first batch
+    fresh = {}
+    train(options(healthy, cache_dir, tmp_path / "fresh", epochs=1, width=6), quiet,
+          on_step=lambda s, loss: fresh.setdefault(s, loss))
+    assert first[1] < fresh[1]
+    assert any(not torch.equal(tuned.state_dict[k], v) for k, v in start.state_dict.items())
+
+
+def test_init_from_a_missing_model_is_an_input_error(healthy, tmp_path, capsys):
+    assert cli.main(["train", str(healthy), "--output", str(tmp_path / "m"), *TINY,
+                     "--init-from", str(tmp_path / "nothing.pt")]) == 2
+    assert "nothing.pt" in capsys.readouterr().err
+
+
 def test_stop_flag_signals():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stop = StopFlag()
