@@ -1,13 +1,16 @@
 """Writes a trained checkpoint as the bundled default model, with its model card.
 
 Usage: export_default_model.py BEST.pt --output Resources/Models --command "how it was trained"
+       [--validation VALIDATE_DIR/report.json]
 
-The card's numbers come from the checkpoint's own config (what `train` recorded), so the card
+The card's numbers come from the checkpoint's own config (what `train` recorded) and from the
+report of `emphysema-uad validate` run with this checkpoint on real labelled CT, so the card
 cannot drift from the weights it describes.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import os
 import platform
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from EmphysemaUADLib import __version__
+from EmphysemaUADLib import __version__, validation
 from EmphysemaUADLib.checkpoint import load_checkpoint, save_checkpoint
 from EmphysemaUADLib.detection import DEFAULT_MODEL_NAME
 from EmphysemaUADLib.network import build_model, count_parameters
@@ -34,7 +37,26 @@ def _machine() -> str:
     return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
 
 
-def model_card(config: dict, params: int, command: str, size_mb: float) -> str:
+def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
+    """Card rows (keys naming "real", which the Slicer panel shows) and the full validation
+    table, from a `validate` report made with this very model."""
+    if (report.get("model") or {}).get("config", {}).get("training") != config["training"]:
+        raise SystemExit("the validation report was made with another model")
+    metrics = {row["key"]: row for row in report["metrics"]["metrics"]}
+    staging = {row["key"]: row for row in report["metrics"]["staging"]["metrics"]}
+    name = Path(report["labels"]).parent.name
+    overall = metrics["auroc"]["values"]["anomaly_score"]
+    sensitivity = staging["sensitivity"]
+    rows = [(f"real HRCT AUROC normal vs emphysema ({name})",
+             f"{overall['value']:.2f} [{overall['ci95'][0]:.2f}, {overall['ci95'][1]:.2f}]"),
+            ("real HRCT staged above None, severity >= 2",
+             f"{sensitivity['count']}/{sensitivity['of']}")]
+    table = validation.markdown(report).split("\n", 1)[1]  # without its title
+    return rows, table
+
+
+def model_card(config: dict, params: int, command: str, size_mb: float,
+               validated: tuple[list, str] | None = None) -> str:
     t = config["training"]
     m = config["model"]
     device = t.get("device", "cpu")
@@ -63,7 +85,7 @@ def model_card(config: dict, params: int, command: str, size_mb: float) -> str:
         ("software", f"EmphysemaUAD {__version__}, torch {torch.__version__}, "
                      f"Python {platform.python_version()}"),
         ("date", datetime.date.today().isoformat()),
-    ]
+    ] + (validated[0] if validated else [])
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# Model card: {DEFAULT_MODEL_NAME}
 
@@ -90,10 +112,18 @@ with synthetic lesions of every morphology; this measures lesion finding on synt
 lesions, not clinical accuracy. The results on phantoms with ground truth and on the real CT
 are in the README ("Results").
 
-**Limits.** Trained on one real CT and phantoms: on scanners, kernels or reconstructions far
+{_real_section(validated)}**Limits.** Trained on few real CTs and phantoms: on scanners, kernels or reconstructions far
 from these, train a model on your own healthy CTs (`emphysema-uad train`, or the Training tab
 in Slicer). Not a medical device; for research.
 """
+
+
+def _real_section(validated) -> str:
+    if not validated:
+        return ""
+    return ("**Real emphysema** (`emphysema-uad validate` on real HRCT slices with a "
+            "radiologist's pattern and severity; the labels only measure, they never trained or "
+            "tuned anything):\n" + validated[1] + "\n")
 
 
 def main() -> None:
@@ -101,6 +131,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--output", required=True, help="folder for the model and its card")
     parser.add_argument("--command", required=True, help="the command that trained it")
+    parser.add_argument("--validation", help="report.json of `emphysema-uad validate` run "
+                                             "with this checkpoint on real labelled CT")
     args = parser.parse_args()
 
     saved = load_checkpoint(args.checkpoint)
@@ -111,7 +143,9 @@ def main() -> None:
     size_mb = target.stat().st_size / 1e6
     card = out / "MODEL_CARD.md"
     tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(model_card(saved.config, params, args.command, size_mb))
+    validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
+                 if args.validation else None)
+    tmp.write_text(model_card(saved.config, params, args.command, size_mb, validated))
     tmp.replace(card)
     print(f"written: {target} ({size_mb:.1f} MB), {target.with_suffix('.json')}, {card}")
 
