@@ -142,6 +142,8 @@ class EmphysemaUADParameterNode:
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     trainDevice: Annotated[str, Choice(DEVICES)] = "auto"
     resume: bool = False
+    # fine-tuning the bundled model on a site's healthy CTs takes minutes, not hours
+    startFromBundled: bool = True
 
 
 def _chosen(path) -> bool:
@@ -380,7 +382,8 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
                              "to continue it, or choose another output folder.")
         return BackgroundProcess.cli(train_args(
             data, output, parameters.epochs, parameters.width, parameters.batchSize,
-            parameters.trainDevice, parameters.resume)).start()
+            parameters.trainDevice, parameters.resume,
+            "bundled" if parameters.startFromBundled else None)).start()
 
 
 # --- widget -----------------------------------------------------------------------------------

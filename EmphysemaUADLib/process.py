@@ -84,11 +84,14 @@ def detect_case_dir(ct, output_dir) -> Path:
 
 
 def train_args(data, output, epochs: int, width: int, batch_size: int, device: str = "auto",
-               resume: bool = False) -> list[str]:
-    """Arguments of `emphysema-uad train`."""
+               resume: bool = False, init_from: str | None = None) -> list[str]:
+    """Arguments of `emphysema-uad train`; `init_from` ("bundled" or a checkpoint) fine-tunes
+    that model (a resumed run already holds its start)."""
     args = ["train", str(data), "--output", str(output), "--epochs", str(int(epochs)),
             "--width", str(int(width)), "--batch-size", str(int(batch_size)),
             "--device", device]
+    if init_from and not resume:
+        args += ["--init-from", str(init_from)]
     return args + (["--resume"] if resume else [])
 
 

@@ -78,6 +78,10 @@ def test_train_args_and_outputs():
     assert args == ["train", "data", "--output", "model", "--epochs", "5", "--width", "16",
                     "--batch-size", "4", "--device", "cpu", "--resume"]
     assert "--resume" not in process.train_args("d", "m", 1, 4, 1)
+    # fine-tuning the bundled model: its start is given once, a resumed run already holds it
+    assert process.train_args("d", "m", 1, 4, 1, init_from="bundled")[-2:] == \
+        ["--init-from", "bundled"]
+    assert "--init-from" not in process.train_args("d", "m", 1, 4, 1, True, "bundled")
     last, best = process.training_outputs("model")
     assert (last.name, best.name) == ("last.pt", "best.pt")
 
@@ -93,6 +97,9 @@ def test_the_train_command_line_parses():
     args = build_parser().parse_args(process.train_args("d", "m", 3, 8, 2, "cpu", True))
     assert (args.epochs, args.width, args.batch_size, args.device, args.resume) == \
         (3, 8, 2, "cpu", True)
+    args = build_parser().parse_args(process.train_args("d", "m", 3, 8, 2, "cpu",
+                                                        init_from="bundled"))
+    assert args.init_from == "bundled"
 
 
 # --- item 7: one list of dependencies ------------------------------------------------------
