@@ -51,7 +51,8 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
              f"{overall['value']:.2f} [{overall['ci95'][0]:.2f}, {overall['ci95'][1]:.2f}]"),
             ("real HRCT staged above None, severity >= 2",
              f"{sensitivity['count']}/{sensitivity['of']}")]
-    table = validation.markdown(report).split("\n", 1)[1]  # without its title
+    # without its title; its sections one level below the card's
+    table = validation.markdown(report).split("\n", 1)[1].replace("\n## ", "\n#### ")
     return rows, table
 
 
@@ -100,10 +101,14 @@ synthesised; no emphysema label of any patient was used.
 
 **Data.** Healthy synthetic chest CTs (`emphysema-uad phantom --emphysema none`) at noise
 levels 10, 20, 35 and 50 HU, smooth and sharp kernels, in two geometries (112 x 224 x 224 at
-2.5 x 1.6 x 1.6 mm and 120 x 400 x 400 at 2.0 x 0.9 x 0.9 mm), plus one real thorax CT (POPI
-4D-CT phase, Philips Brilliance Big Bore, 512 x 512 x 141 at 0.98 x 0.98 x 2 mm, healthy
-apart from a tumour) where `../shared/data` was present. Training applies flips, rotations,
-reconstruction-kernel and noise augmentation.
+2.5 x 1.6 x 1.6 mm and 120 x 400 x 400 at 2.0 x 0.9 x 0.9 mm), plus the real CTs of
+`../shared/data`: one thorax CT (POPI 4D-CT phase, Philips Brilliance Big Bore, 0.98 x 0.98 x 2
+mm, healthy apart from a tumour) and one scan of another scanner reconstructed with a standard
+and a sharp kernel (Lung-PET-CT-Dx A0001, Philips Brilliance 16, 0.84 x 0.84 x 5 mm). Lesions
+are tissue loss (a drawn share of the local parenchymal density is kept, with the image's own
+texture); training applies flips, rotations, reconstruction-kernel and noise augmentation.
+The run starts from the first bundled model (trained from scratch on the phantoms and the
+thorax CT with air-density lesions) and fine-tunes it.
 
 **Command.** `{command}`
 
@@ -112,9 +117,13 @@ with synthetic lesions of every morphology; this measures lesion finding on synt
 lesions, not clinical accuracy. The results on phantoms with ground truth and on the real CT
 are in the README ("Results").
 
-{_real_section(validated)}**Limits.** Trained on few real CTs and phantoms: on scanners, kernels or reconstructions far
-from these, train a model on your own healthy CTs (`emphysema-uad train`, or the Training tab
-in Slicer). Not a medical device; for research.
+{_real_section(validated)}**Limits.** Trained on three real CTs and phantoms. Known weak points: diffuse panlobular
+emphysema (a uniform density loss) is seen less well than by Perc15; on a sharp lung kernel
+the heart border and vessel edges raise the emphysema index of a healthy scan (the same scan:
+about 0.35 % with a standard kernel, 2.4 % with a sharp one). Fine-tune it on your own
+scanner's healthy CTs (`emphysema-uad train --init-from bundled`, or the Training tab in
+Slicer), and check it on labelled cases of your own with `emphysema-uad validate`. Not a
+medical device; for research.
 """
 
 
