@@ -89,13 +89,13 @@ def model_card_path(model_path) -> Path | None:
 
 
 def card_rows(text: str) -> dict[str, str]:
-    """The `| key | value |` rows of a model card, keys in lower case."""
+    """The `| key | value |` rows of a model card, keys as written."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.lstrip().startswith("|") and len(cells) == 2 and cells[0] and \
                 not set(cells[0]) <= set("-: "):
-            rows[cells[0].lower()] = cells[1]
+            rows[cells[0]] = cells[1]
     return rows
 
 
@@ -111,7 +111,7 @@ def model_summary(model_path, config: dict | None = None) -> str:
     parts.append(f"Trained on {cases} healthy CTs" if cases else "Trained on healthy CTs")
     card = model_card_path(model_path)
     rows = card_rows(card.read_text(encoding="utf-8")) if card else {}
-    real = [f"{key}: {value}" for key, value in rows.items() if re.search(r"\breal\b", key)]
+    real = [f"{key}: {value}" for key, value in rows.items() if re.search(r"\breal\b", key, re.IGNORECASE)]
     if real:
         parts.append("; ".join(real))
     elif isinstance(training.get("val_auroc"), (int, float)):
