@@ -67,7 +67,7 @@ def test_summary_prefers_real_data_rows_of_the_card(tmp_path):
         "# card\n\n| | |\n| --- | --- |\n| training data | 12 CTs |\n"
         "| real-data Dice | 0.61 on 3 CTs |\n")
     summary = modelinfo.model_summary(model)
-    assert "real-data dice: 0.61 on 3 CTs" in summary and "AUROC" not in summary
+    assert "real-data Dice: 0.61 on 3 CTs" in summary and "AUROC" not in summary
     assert modelinfo.model_threshold(modelinfo.model_config(model)) == 0.4
     assert modelinfo.model_config(tmp_path / "none.pt") is None
 

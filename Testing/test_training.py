@@ -231,6 +231,20 @@ def test_resume_reproduces_the_next_step(healthy, cache_dir, tmp_path):
         torch.testing.assert_close(b.state_dict[key], value, rtol=0, atol=1e-6)
 
 
+def test_resume_with_more_epochs_trains_a_finished_run_longer(healthy, cache_dir, tmp_path):
+    quiet = Progress("none")
+    first = train(options(healthy, cache_dir, tmp_path / "m", epochs=1), quiet)
+    assert first.steps == 2
+    steps, stream = [], io.StringIO()
+    longer = train(options(healthy, cache_dir, tmp_path / "m", resume=True, epochs=2),
+                   Progress("json", stream=stream), on_step=lambda s, loss: steps.append(s))
+    assert steps == [3, 4] and longer.steps == 4
+    assert any("extending the run from 1 to 2 epochs" in line
+               for line in stream.getvalue().splitlines())
+    state = load_checkpoint(tmp_path / "m" / "last.pt").training_state
+    assert state["epochs_done"] == 2 and state["options"]["epochs"] == 2
+
+
 def test_init_from_starts_with_the_given_network_and_weights(healthy, cache_dir, tmp_path):
     quiet = Progress("none")
     train(options(healthy, cache_dir, tmp_path / "base", width=6), quiet)
