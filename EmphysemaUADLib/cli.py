@@ -287,7 +287,8 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _initial_model(name: str | None) -> str | None:
+def _checkpoint_path(name: str | None) -> str | None:
+    """--init-from's value: 'bundled' names the default model."""
     if name != "bundled":
         return name
     from .modelinfo import default_model_path
@@ -309,7 +310,7 @@ def _run_train(args) -> int:
         steps_per_epoch=args.steps_per_epoch, seed=args.seed, val_fraction=args.val_fraction,
         max_val_slices=args.val_slices, anomaly_loss=args.anomaly_loss, lr=args.lr,
         device=args.device, resume=args.resume, cache_dir=args.cache_dir, workers=args.workers,
-        init_from=_initial_model(args.init_from),
+        init_from=_checkpoint_path(args.init_from),
         **{v.option: getattr(args, v.option) for v in VARIANTS.values()})
     result = train(options, progress)
     if result.interrupted_by:

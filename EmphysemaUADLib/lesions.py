@@ -169,7 +169,7 @@ class _Holes:
         self.lumps = (_smooth_field(scene.shape, scene.spacing, 3.0, scene.rng) if irregular
                       else None)
         self.reach = np.full(scene.shape, -1e3, dtype=np.float32)  # mm inside nearest hole edge
-        self.density = np.zeros(scene.shape, dtype=np.float32)
+        self.remaining = np.zeros(scene.shape, dtype=np.float32)  # tissue kept, 0..1
         self.wall = np.zeros(scene.shape, dtype=np.float32)
         self.dot = np.zeros(scene.shape, dtype=np.float32)
         self.countable = scene.free & (scene.weight >= 0.5)
@@ -188,7 +188,7 @@ class _Holes:
             return min(radius, (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0))
         return min(radius, math.sqrt(volume / math.pi))
 
-    def add(self, centre, radius, density, stretch, dot=0.0, wall=0.0) -> None:
+    def add(self, centre, radius, remaining, stretch, dot=0.0, wall=0.0) -> None:
         s = self.scene
         half = [int(math.ceil((radius * 1.5 + 2 * s.edge) / sp)) for sp in s.spacing]
         box = tuple(slice(max(c - h, 0), min(c + h + 1, n))
@@ -203,7 +203,7 @@ class _Holes:
         self.covered += int(np.count_nonzero((inside > 0) & (current <= 0) & self.countable[box]))
         better = inside > current
         current[better] = inside[better]
-        self.density[box][better] = density
+        self.remaining[box][better] = remaining
         if wall:
             # a thin wall (~1 voxel) peaking one voxel outside the edge; where it falls inside a
             # neighbouring hole it is the septum between the two
@@ -219,7 +219,8 @@ class _Holes:
     def finish(self, wall_hu=None, dot_hu=None) -> None:
         s = self.scene
         membership = np.clip(0.5 + self.reach / s.edge, 0.0, 1.0)
-        s.blend(membership, s.thinned(self.density) + s.texture, np.maximum(self.wall, self.dot))
+        s.blend(membership, s.thinned(self.remaining) + s.texture,
+                np.maximum(self.wall, self.dot))
         for weight, hu in ((self.wall, wall_hu), (self.dot, dot_hu)):
             if hu is not None:
                 s.out += weight * s.weight * (hu - s.out)
@@ -281,7 +282,8 @@ def _centrilobular(scene: _Scene, target: int) -> None:
             diameters = np.exp(rng.uniform(math.log(2.0), math.log(10.0), len(points)))
             for p, d in zip(points, diameters):
                 has_dot = d >= 3.0 and rng.random() < 0.7
-                yield dict(centre=p, radius=d / 2, density=rng.uniform(*REMAINING["centrilobular"]),
+                yield dict(centre=p, radius=d / 2,
+                           remaining=rng.uniform(*REMAINING["centrilobular"]),
                            stretch=_stretch(rng, p.size), dot=dot_amplitude * has_dot)
 
     _fill(holes, propose)
@@ -308,7 +310,8 @@ def _paraseptal(scene: _Scene, target: int) -> None:
         for _ in range(2 + rng.poisson(4)):
             radius = max(holes.fitting(float(np.clip(size * rng.uniform(0.75, 1.25), 2.5, 10.0))),
                          2.5)
-            yield dict(centre=current, radius=radius, density=rng.uniform(*REMAINING["paraseptal"]),
+            yield dict(centre=current, radius=radius,
+                       remaining=rng.uniform(*REMAINING["paraseptal"]),
                        stretch=_stretch(rng, current.size), wall=0.6)
             near = np.asarray(tree.query_ball_point(current * scene.spacing, 2.4 * radius),
                               dtype=int)
@@ -343,8 +346,8 @@ def _bullous(scene: _Scene, target: int) -> None:
         flat = np.flatnonzero(where)
         if flat.size:
             yield dict(centre=scene.coordinates(flat[rng.integers(flat.size)]), radius=radius,
-                       density=rng.uniform(*REMAINING["bullous"]), stretch=_stretch(rng, free.ndim),
-                       wall=1.0)
+                       remaining=rng.uniform(*REMAINING["bullous"]),
+                       stretch=_stretch(rng, free.ndim), wall=1.0)
 
     _fill(holes, propose)
     holes.finish(wall_hu=rng.uniform(-700.0, -500.0))

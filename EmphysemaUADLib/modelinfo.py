@@ -111,7 +111,8 @@ def model_summary(model_path, config: dict | None = None) -> str:
     parts.append(f"Trained on {cases} healthy CTs" if cases else "Trained on healthy CTs")
     card = model_card_path(model_path)
     rows = card_rows(card.read_text(encoding="utf-8")) if card else {}
-    real = [f"{key}: {value}" for key, value in rows.items() if re.search(r"\breal\b", key, re.IGNORECASE)]
+    real = [f"{key}: {value}" for key, value in rows.items()
+            if re.search(r"\breal\b", key, re.IGNORECASE)]
     if real:
         parts.append("; ".join(real))
     elif isinstance(training.get("val_auroc"), (int, float)):
