@@ -16,6 +16,16 @@ from .regions import LEFT, RIGHT
 LAA_THRESHOLD_HU = -950.0
 
 
+def laa_percent(values: np.ndarray, threshold_hu: float = LAA_THRESHOLD_HU) -> float:
+    """Low-attenuation area: % of the values at or below the threshold (HU)."""
+    return round(100.0 * np.count_nonzero(values <= threshold_hu) / values.size, 4)
+
+
+def perc15_hu(values: np.ndarray) -> float:
+    """The 15th percentile of the values, in HU."""
+    return round(float(np.percentile(values, 15)), 2)
+
+
 @dataclass(frozen=True)
 class Column:
     key: str  # as report.json, summary.csv and the Slicer table name it
@@ -135,7 +145,7 @@ def measure(hu: np.ndarray, mask: np.ndarray, emphysema: np.ndarray, anomaly: np
     return {
         "volume_ml": round(n * voxel_ml, 2),
         "emphysema_index_percent": round(100.0 * np.count_nonzero(emphysema[mask]) / n, 4),
-        "laa950_percent": round(100.0 * np.count_nonzero(values <= LAA_THRESHOLD_HU) / n, 4),
-        "perc15_hu": round(float(np.percentile(values, 15)), 2),
+        "laa950_percent": laa_percent(values),
+        "perc15_hu": perc15_hu(values),
         "mean_anomaly": round(float(anomaly[mask].mean()), 6),
     }

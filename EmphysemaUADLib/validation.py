@@ -37,6 +37,7 @@ import numpy as np
 
 from . import __version__, metrics
 from .errors import InputError
+from .measurements import laa_percent, perc15_hu
 from .progress import NO_PROGRESS, Progress
 from .staging import STAGES
 
@@ -232,9 +233,8 @@ def density_measures(hu: np.ndarray, lungs: np.ndarray) -> dict:
     values = hu[lungs]
     if values.size == 0:
         raise InputError("no lung found; is this a chest CT?")
-    out = {f"laa{-int(t)}_percent": round(100.0 * np.count_nonzero(values <= t) / values.size,
-                                          4) for t in LAA_THRESHOLDS_HU}
-    out["perc15_hu"] = round(float(np.percentile(values, 15)), 2)
+    out = {f"laa{-int(t)}_percent": laa_percent(values, t) for t in LAA_THRESHOLDS_HU}
+    out["perc15_hu"] = perc15_hu(values)
     return out
 
 
