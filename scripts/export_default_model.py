@@ -10,8 +10,8 @@ cannot drift from the weights it describes.
 from __future__ import annotations
 
 import argparse
-import json
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from EmphysemaUADLib import __version__, validation
+from EmphysemaUADLib.atomic import write_text_atomic
 from EmphysemaUADLib.checkpoint import load_checkpoint, save_checkpoint
-from EmphysemaUADLib.detection import DEFAULT_MODEL_NAME
+from EmphysemaUADLib.modelinfo import DEFAULT_MODEL_NAME, MODEL_CARD_NAME
 from EmphysemaUADLib.network import build_model, count_parameters
 
 
@@ -145,17 +146,15 @@ def main() -> None:
     args = parser.parse_args()
 
     saved = load_checkpoint(args.checkpoint)
+    validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
+                 if args.validation else None)  # checked before anything is written
     out = Path(args.output)
     target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict, saved.config)
     with torch.device("meta"):
         params = count_parameters(build_model(saved.config["model"]))
     size_mb = target.stat().st_size / 1e6
-    card = out / "MODEL_CARD.md"
-    tmp = card.with_suffix(".md.tmp")
-    validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
-                 if args.validation else None)
-    tmp.write_text(model_card(saved.config, params, args.command, size_mb, validated))
-    tmp.replace(card)
+    card = out / MODEL_CARD_NAME
+    write_text_atomic(card, model_card(saved.config, params, args.command, size_mb, validated))
     print(f"written: {target} ({size_mb:.1f} MB), {target.with_suffix('.json')}, {card}")
 
 
