@@ -91,7 +91,10 @@ class _Timer:
 
 
 def detect_case(ct: Volume, detector: Detector, lobes=None,
-                progress: Progress = NO_PROGRESS, lungs: np.ndarray | None = None) -> CaseResult:
+                progress: Progress = NO_PROGRESS, lungs: np.ndarray | None = None,
+                warn_partial: bool = True) -> CaseResult:
+    """Detection and measurements of one CT. Regions the scan cuts off are marked partial
+    and, with `warn_partial`, a warning says so (a caller that sums them up passes False)."""
     timer = _Timer()
     if lungs is None:
         lungs = timer("lungs", segment_lungs, ct)
@@ -104,7 +107,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     ends = cut_ends(lungs > 0, ct.geometry)
-    if ends:
+    if ends and warn_partial:
         cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
                            for e in ends)
         progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "

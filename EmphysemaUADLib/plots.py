@@ -177,12 +177,14 @@ def table_panel(ax, header, rows, title: str | None = None, highlight=()):
     return table
 
 
-def case_overlay(axial: np.ndarray, coronal: np.ndarray | None, pixel_mm: float, title: str,
+def case_overlay(axial: np.ndarray, right: np.ndarray, pixel_mm: float, title: str,
                  subtitle: str, header, rows, highlight=(), notes=(), legend_items=(),
-                 window=(1500.0, -600.0), view_titles=("axial", "coronal")) -> Figure:
-    """The case overlay: axial and coronal views (coronal None for a volume of a few
-    slices), the grey scale's colour bar, a legend, and the region table below; one fixed
-    layout (1200 x 1000 px) whatever the CT's size."""
+                 window=(1500.0, -600.0), view_titles=("axial", "coronal"),
+                 right_top: str = "S") -> Figure:
+    """The case overlay: the axial view and a second view (coronal, or the plain axial
+    slice for a volume of a few slices; `right_top` labels its top edge), the grey scale's
+    colour bar, a legend, and the region table below; one fixed layout (1200 x 1000 px)
+    whatever the CT's size."""
     fig = Figure(figsize=(12, 10), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=14, fontweight="bold")
@@ -191,12 +193,7 @@ def case_overlay(axial: np.ndarray, coronal: np.ndarray | None, pixel_mm: float,
     ax_axial = fig.add_subplot(top[0, 0])
     image_panel(ax_axial, axial, view_titles[0], pixel_mm=pixel_mm)
     ax_right = fig.add_subplot(top[0, 1])
-    if coronal is not None:
-        image_panel(ax_right, coronal, view_titles[1], top="S", pixel_mm=pixel_mm)
-    else:
-        ax_right.axis("off")
-        ax_right.text(0.05, 0.5, "A volume of a few slices:\nno coronal view.", fontsize=12,
-                      va="center", transform=ax_right.transAxes)
+    image_panel(ax_right, right, view_titles[1], top=right_top, pixel_mm=pixel_mm)
     grey_colorbar(fig, [ax_axial, ax_right], window)
     if legend_items:
         legend_patches(fig, legend_items, loc="outside lower center", ncols=len(legend_items))

@@ -66,8 +66,13 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     region, z, y = worst_region_view(result)
     axial, coronal, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
                                           coronal_index=y, outline=result.lungs)
-    if coronal.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip
-        coronal = None
+    sz = result.ct.geometry.spacing_zyx
+    axial_title = f"axial (slice {z + 1} of {result.ct.shape[0]}, {sz[0]:g} mm)"
+    right_title, right_top = "coronal (patient right on the left)", "S"
+    if coronal.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
+        # so the same axial slice without marks, to compare the flagged voxels with the CT
+        coronal, _, _ = preview_views(result.ct, axial_index=z, coronal_index=y)
+        right_title, right_top = "the same slice, CT only", "A"
     whole = result.measurements.whole
     rows, highlight = region_table(result)
     notes = []
@@ -86,11 +91,8 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill"),
               ("right lung outline", OUTLINE_COLORS[1], "line"),
               ("left lung outline", OUTLINE_COLORS[2], "line")]
-    sz = result.ct.geometry.spacing_zyx
     fig = case_overlay(axial, coronal, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
-                       notes, legend, LUNG_WINDOW,
-                       (f"axial (slice {z + 1} of {result.ct.shape[0]}, {sz[0]:g} mm)",
-                        "coronal (patient right on the left)"))
+                       notes, legend, LUNG_WINDOW, (axial_title, right_title), right_top)
     return save_figure(fig, path)
 
 

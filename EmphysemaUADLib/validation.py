@@ -37,7 +37,7 @@ import numpy as np
 
 from . import __version__, metrics
 from .errors import InputError
-from .measurements import laa_percent, perc15_hu
+from .measurements import PARTIAL, laa_percent, perc15_hu
 from .progress import NO_PROGRESS, Progress
 from .staging import STAGES
 
@@ -247,7 +247,7 @@ def _detected(case: LabelledCase, detector, progress) -> dict:
     from .volume_io import read_ct
 
     ct = read_ct(case.file, progress)
-    result = detect_case(ct, detector, progress=progress)
+    result = detect_case(ct, detector, progress=progress, warn_partial=False)
     whole = _plain(result.measurements.whole.to_dict())
     return {**whole, "anomaly_score": result.anomaly_score,
             **density_measures(ct.array, result.lungs > 0)}
@@ -316,6 +316,10 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
                        f"EI {m['emphysema_index_percent']:.2f} %, stage {m['stage']}",
                        case=case.name, anomaly_score=m["anomaly_score"],
                        stage=m["stage"])
+    partial = sum(m.get("coverage") == PARTIAL for m in measured)
+    if partial:  # once, not per image: a cohort of single slices is all partial
+        progress.log(f"{partial} of {total} images cover only part of the lungs (single "
+                     "slices, for example); every measure compares what was scanned.", "warning")
     if detector is not None:
         model = {"path": detector.model_path, "config": detector.config,
                  "threshold": detector.threshold, "staging": detector.staging.to_dict(),

@@ -67,7 +67,7 @@ def test_figures_have_a_fixed_size_whatever_the_ct(tmp_path):
     for n, ct in enumerate((marked_volume(), Volume(marked_volume().array[:1],
                                                       marked_volume().geometry))):
         axial, coronal, pixel = preview_views(ct)
-        fig = case_overlay(axial, coronal if coronal.shape[0] > 2 else None, pixel, "title",
+        fig = case_overlay(axial, coronal if coronal.shape[0] > 2 else axial, pixel, "title",
                            "subtitle", ("Region", "Volume\n(mL)"), [["whole lung", "1"]],
                            highlight=[0], notes=["note"])
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(save_figure(fig, tmp_path /

@@ -269,6 +269,11 @@ def test_validate_writes_every_output(validated, cohort):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert kinds.count("case") == 6 and kinds.count("result") == 6 and "bootstrap" in kinds
+    # one-slice images: one coverage warning for the cohort, not one per image
+    warnings = [e["message"] for e in events if e.get("level") == "warning"]
+    assert [w for w in warnings if "part of the lungs" in w] == [
+        "6 of 6 images cover only part of the lungs (single slices, for example); every "
+        "measure compares what was scanned."]
     assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "report.json", "report.md",
                                                      "scores_by_severity.png"]
     report = json.loads((out / "report.json").read_text())
