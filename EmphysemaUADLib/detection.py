@@ -115,14 +115,15 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     measured = dict(legend)
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
+    deficit = np.zeros(ct.shape, np.float32)
     anomaly = timer("network", predict_anomaly, ct.array, lungs, detector.model,
-                    detector.device, detector.batch_size, progress, detector.score)
+                    detector.device, detector.batch_size, progress, detector.score, deficit)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
         rows = []
         for name, mask in region_masks(lungs, regions, measured):
-            row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly,
+            row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly, deficit,
                                                      ct.geometry.voxel_ml))
             if row.empty and name not in legend.values() and name in LOBES.values():
                 row.coverage = NOT_IN_SCAN

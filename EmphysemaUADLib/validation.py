@@ -58,15 +58,17 @@ class Score(NamedTuple):
     key: str
     label: str
     get: Callable[[dict], float]
+    unit: str = ""
 
 
 # A new whole-lung model measurement is compared with the others by adding one line here.
 SCORES = [
-    Score("anomaly_score", "model anomaly score", lambda m: m["anomaly_score"]),
-    Score("model_ei", "model EI", lambda m: m["emphysema_index_percent"]),
-    Score("laa950", "LAA-950", lambda m: m["laa950_percent"]),
-    Score("laa910", "LAA-910", lambda m: m["laa910_percent"]),
-    Score("perc15", "Perc15", lambda m: -m["perc15_hu"]),
+    Score("anomaly_score", "model anomaly score", lambda m: m["anomaly_score"], "%"),
+    Score("model_ei", "model EI", lambda m: m["emphysema_index_percent"], "%"),
+    Score("tissue_deficit", "model tissue deficit", lambda m: m["tissue_deficit_hu"], "HU"),
+    Score("laa950", "LAA-950", lambda m: m["laa950_percent"], "%"),
+    Score("laa910", "LAA-910", lambda m: m["laa910_percent"], "%"),
+    Score("perc15", "Perc15", lambda m: -m["perc15_hu"], "HU"),
 ]
 SCORE_NOTES = {"perc15": "ranked as -Perc15 (a lower 15th percentile of HU is more emphysema)"}
 
@@ -466,7 +468,7 @@ def compute_metrics(labels: Labels, measured: list[dict], n_boot: int = DEFAULT_
         confusion = {"rows": "reference stage", "columns": "model stage",
                      "stages": list(STAGES), "counts": counts}
     return {
-        "scores": [{"key": s.key, "label": s.label,
+        "scores": [{"key": s.key, "label": s.label, "unit": s.unit,
                     **({"note": SCORE_NOTES[s.key]} if s.key in SCORE_NOTES else {})}
                    for s in SCORES],
         "metrics": score_metrics,
@@ -566,7 +568,8 @@ def case_rows(labels: Labels, measured: list[dict]) -> list[dict]:
                      "laa950_percent": m.get("laa950_percent"),
                      "laa910_percent": m.get("laa910_percent"),
                      "perc15_hu": m.get("perc15_hu"),
-                     "mean_anomaly": m.get("mean_anomaly")})
+                     "mean_anomaly": m.get("mean_anomaly"),
+                     "tissue_deficit_hu": m.get("tissue_deficit_hu")})
     return rows
 
 
@@ -622,8 +625,7 @@ def score_chart(report: dict):
         medians = [np.nanmedian(y[x == v]) if np.isfinite(y[x == v]).any() else np.nan
                    for v in levels]
         ax.plot(levels, medians, color="black", linewidth=1.5, label="median")
-        unit = {"anomaly_score": " (%)", "model_ei": " (%)", "laa950": " (%)",
-                "laa910": " (%)", "perc15": " (HU)"}.get(key, "")
+        unit = f" ({score['unit']})" if score.get("unit") else ""
         ax.set_title(f"{score['label']}{unit}" + ("\nlower = more" if raw else ""),
                      fontsize=9)
         ax.set_xticks([v for v, _ in ticks], [label for _, label in ticks])

@@ -93,7 +93,8 @@ def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe)
     assert {r["case"] for r in done} == {"severe", "mild"}
     scores = [float(r["anomaly_score"]) for r in done]
     assert scores == sorted(scores, reverse=True) and done[0]["case"] == "severe"
-    for column in ("emphysema_index_percent", "laa950_percent", "perc15_hu", "stage",
+    for column in ("emphysema_index_percent", "laa950_percent", "perc15_hu",
+                   "tissue_deficit_hu", "stage",
                    "stage right upper zone", "stage left lower zone"):
         assert column in rows[0]
 
