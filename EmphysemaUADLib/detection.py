@@ -68,6 +68,7 @@ class CaseResult:
     legend: dict[int, str]
     region_kind: str  # "lobes", "zones" or "regions"
     anomaly: np.ndarray
+    deficit: np.ndarray  # tissue deficit in HU (inference.predict_anomaly)
     emphysema: np.ndarray
     measurements: Measurements
     timings: dict[str, float] = field(default_factory=dict)
@@ -137,4 +138,5 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         return Measurements(rows)
 
     rows = timer("measurements", measure_all)
-    return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, timer.timings)
+    return CaseResult(ct, lungs, regions, legend, kind, anomaly, deficit, emphysema, rows,
+                      timer.timings)
