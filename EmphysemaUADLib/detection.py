@@ -68,7 +68,6 @@ class CaseResult:
     legend: dict[int, str]
     region_kind: str  # "lobes", "zones" or "regions"
     anomaly: np.ndarray
-    deficit: np.ndarray  # tissue deficit in HU (inference.predict_anomaly)
     emphysema: np.ndarray
     measurements: Measurements
     timings: dict[str, float] = field(default_factory=dict)
@@ -116,15 +115,14 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     measured = dict(legend)
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
-    deficit = np.zeros(ct.shape, np.float32)
     anomaly = timer("network", predict_anomaly, ct.array, lungs, detector.model,
-                    detector.device, detector.batch_size, progress, detector.score, deficit)
+                    detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
         rows = []
         for name, mask in region_masks(lungs, regions, measured):
-            row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly, deficit,
+            row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly,
                                                      ct.geometry.voxel_ml))
             if row.empty and name not in legend.values() and name in LOBES.values():
                 row.coverage = NOT_IN_SCAN
@@ -138,5 +136,4 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         return Measurements(rows)
 
     rows = timer("measurements", measure_all)
-    return CaseResult(ct, lungs, regions, legend, kind, anomaly, deficit, emphysema, rows,
-                      timer.timings)
+    return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, timer.timings)

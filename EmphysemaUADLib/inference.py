@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .intensity import HU_WINDOW, hu_to_unit
+from .intensity import hu_to_unit
 from .progress import NO_PROGRESS, Progress
 
 MULTIPLE = 16  # four 2x down-steps
 BOX_MARGIN = 8  # voxels of context around the lungs
 SCORES = ("anomaly", "residual")
-HU_SPAN = HU_WINDOW[1] - HU_WINDOW[0]  # one unit of the network's intensities, in HU
 
 
 def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice, slice] | None:
@@ -45,40 +44,24 @@ def pad_to_multiple(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
     return batch_hu, ph // 2, pw // 2
 
 
-def run_batch(model, x: torch.Tensor, score: str = "anomaly"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(voxel scores, reconstruction), float32 like x, of a batch x (n, 1, H, W) in [0, 1]
-    units."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        recon, logit = model(x)
-    recon = recon.float()
-    if score == "residual":
-        return (x.float() - recon).abs(), recon
-    return torch.sigmoid(logit.float()), recon
-
-
 def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
     """Voxel scores (float32, like x) of a batch x (n, 1, H, W) in [0, 1] units."""
-    return run_batch(model, x, score)[0]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        recon, logit = model(x)
+    if score == "residual":
+        return (x.float() - recon.float()).abs()
+    return torch.sigmoid(logit.float())
 
 
 def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
                     device: torch.device, batch_size: int = 8,
                     progress: Progress = NO_PROGRESS,
-                    score: str = "anomaly", deficit_out: np.ndarray | None = None
-                    ) -> np.ndarray:
-    """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs.
-
-    deficit_out, if given (float32, CT shape), receives the tissue deficit: how many HU the
-    CT (in the network's window) lies below the network's pseudo-healthy reconstruction, 0
-    where it does not and outside the lungs. Tissue loss lowers the CT below what the network
-    expects of healthy lung, diffuse loss included, which moves the anomaly head less."""
+                    score: str = "anomaly") -> np.ndarray:
+    """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs."""
     if score not in SCORES:
         raise InputError(f"unknown voxel score {score!r} in the model config; this version "
                          f"knows {', '.join(SCORES)}.")
     anomaly = np.zeros(hu.shape, np.float32)
-    if deficit_out is not None:
-        deficit_out[...] = 0.0
     box = lung_box(lungs)
     if box is None:
         return anomaly
@@ -96,7 +79,7 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                prob, recon = run_batch(model, x, score)
+                prob = score_batch(model, x, score)
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -106,14 +89,8 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
                              level="warning")
                 continue
             h, w = ys.stop - ys.start, xs.stop - xs.start
-            inside = (slice(None), 0, slice(top, top + h), slice(left, left + w))
-            anomaly[chunk, ys, xs] = prob[inside].cpu().numpy()
-            if deficit_out is not None:
-                deficit_out[chunk, ys, xs] = ((recon - x.float())[inside].clamp_(min=0.0)
-                                              * HU_SPAN).cpu().numpy()
+            anomaly[chunk, ys, xs] = prob[:, 0, top:top + h, left:left + w].cpu().numpy()
             done = chunk.stop - zs.start
             progress.step(done, total, stage="network")
     anomaly[lungs == 0] = 0.0
-    if deficit_out is not None:
-        deficit_out[lungs == 0] = 0.0
     return anomaly

@@ -44,9 +44,6 @@ COLUMNS = (
     Column("perc15_hu", "Perc15", "HU", "15th percentile of the region's densities."),
     Column("mean_anomaly", "Mean anomaly", "",
            "Mean anomaly probability of the network over the region, 0 to 1."),
-    Column("tissue_deficit_hu", "Tissue deficit", "HU",
-           "Mean over the region of how far the CT lies below the network's pseudo-healthy "
-           "reconstruction (0 where it does not): tissue loss, diffuse loss included."),
     Column("stage", "Stage", "", "None, Mild, Moderate or Severe, from the emphysema index."),
     Column("coverage", "Coverage", "",
            "complete; partial (the region reaches the first or last slice: the scan cuts it "
@@ -55,8 +52,7 @@ COLUMNS = (
 COMPLETE, PARTIAL, NOT_IN_SCAN = "complete", "partial", "not in scan"
 COLUMN = {c.key: c for c in COLUMNS}
 # the whole lung's columns in summary.csv, in its order (after the case and its anomaly score)
-SUMMARY_KEYS = ("emphysema_index_percent", "laa950_percent", "perc15_hu", "tissue_deficit_hu",
-                "volume_ml", "stage")
+SUMMARY_KEYS = ("emphysema_index_percent", "laa950_percent", "perc15_hu", "volume_ml", "stage")
 assert set(SUMMARY_KEYS) <= set(COLUMN)
 
 
@@ -70,7 +66,6 @@ class RegionMeasurements:
     laa950_percent: float | None
     perc15_hu: float | None
     mean_anomaly: float | None
-    tissue_deficit_hu: float | None = None  # None in reports written before it
     stage: str | None = None
     stage_probabilities: dict[str, float] | None = None
     coverage: str = COMPLETE  # COMPLETE, PARTIAL or NOT_IN_SCAN
@@ -139,13 +134,13 @@ def region_masks(lungs: np.ndarray, regions: np.ndarray, legend: dict[int, str])
 
 
 def measure(hu: np.ndarray, mask: np.ndarray, emphysema: np.ndarray, anomaly: np.ndarray,
-            deficit: np.ndarray, voxel_ml: float) -> dict:
+            voxel_ml: float) -> dict:
     """The values of one region, keyed as COLUMNS (the fields of RegionMeasurements); an
     empty region reports its volume 0 and no values."""
     n = int(np.count_nonzero(mask))
     if n == 0:
         return {"volume_ml": 0.0, "emphysema_index_percent": None, "laa950_percent": None,
-                "perc15_hu": None, "mean_anomaly": None, "tissue_deficit_hu": None}
+                "perc15_hu": None, "mean_anomaly": None}
     values = hu[mask]
     return {
         "volume_ml": round(n * voxel_ml, 2),
@@ -153,5 +148,4 @@ def measure(hu: np.ndarray, mask: np.ndarray, emphysema: np.ndarray, anomaly: np
         "laa950_percent": laa_percent(values),
         "perc15_hu": perc15_hu(values),
         "mean_anomaly": round(float(anomaly[mask].mean()), 6),
-        "tissue_deficit_hu": round(float(deficit[mask].mean()), 3),
     }

@@ -104,7 +104,6 @@ def write_case(result: CaseResult, detector: Detector, case: str, output_dir: Pa
     with scratch_folder(final.parent, f".tmp-{case}-") as scratch:
         g = result.ct.geometry
         write_volume(result.anomaly.astype(np.float32), g, scratch / "anomaly_map.nii.gz")
-        write_volume(result.deficit.astype(np.float32), g, scratch / "tissue_deficit.nii.gz")
         write_volume(result.emphysema.astype(np.uint8), g, scratch / "emphysema.nii.gz")
         write_volume(result.regions.astype(np.uint8), g, scratch / "regions.nii.gz")
         legend = {str(k): {"name": v, **({"code": LOBE_CODES[k]} if LOBES.get(k) == v else {})}

@@ -65,7 +65,6 @@ class Score(NamedTuple):
 SCORES = [
     Score("anomaly_score", "model anomaly score", lambda m: m["anomaly_score"], "%"),
     Score("model_ei", "model EI", lambda m: m["emphysema_index_percent"], "%"),
-    Score("tissue_deficit", "model tissue deficit", lambda m: m["tissue_deficit_hu"], "HU"),
     Score("laa950", "LAA-950", lambda m: m["laa950_percent"], "%"),
     Score("laa910", "LAA-910", lambda m: m["laa910_percent"], "%"),
     Score("perc15", "Perc15", lambda m: -m["perc15_hu"], "HU"),
@@ -568,8 +567,7 @@ def case_rows(labels: Labels, measured: list[dict]) -> list[dict]:
                      "laa950_percent": m.get("laa950_percent"),
                      "laa910_percent": m.get("laa910_percent"),
                      "perc15_hu": m.get("perc15_hu"),
-                     "mean_anomaly": m.get("mean_anomaly"),
-                     "tissue_deficit_hu": m.get("tissue_deficit_hu")})
+                     "mean_anomaly": m.get("mean_anomaly")})
     return rows
 
 

@@ -99,15 +99,13 @@ def test_a_checkpoint_passed_as_the_wrong_baseline_is_refused(models, tmp_path):
     assert not (tmp_path / "results.md").exists()
 
 
-def test_residual_score_and_tissue_deficit_come_from_the_reconstruction(models):
+def test_residual_score_is_the_reconstruction_error_inside_the_lungs(models):
     model, _ = load_model(models["autoencoder"])
     phantom = make_phantom(1, shape=(4, 32, 32), spacing=(5.0, 11.0, 11.0))
     lungs = phantom.lungs
-    deficit = np.full(lungs.shape, 7.0, np.float32)  # overwritten everywhere
     residual = predict_anomaly(phantom.ct.array, lungs, model, torch.device("cpu"),
-                               score="residual", deficit_out=deficit)
+                               score="residual")
     assert np.all(residual[lungs == 0] == 0) and residual[lungs > 0].max() > 0
-    assert np.all(deficit[lungs == 0] == 0) and deficit.min() == 0
     z = int(np.argmax((lungs > 0).sum(axis=(1, 2))))
     x = torch.from_numpy(hu_to_unit(np.pad(phantom.ct.array[z], 8, constant_values=-1000))
                          [None, None])
@@ -119,28 +117,6 @@ def test_residual_score_and_tissue_deficit_come_from_the_reconstruction(models):
     assert np.corrcoef(residual[z][inner], expected)[0, 1] > 0.9
     with pytest.raises(InputError, match="unknown voxel score"):
         predict_anomaly(phantom.ct.array, lungs, model, torch.device("cpu"), score="nope")
-
-
-class _FlatReconstruction(torch.nn.Module):
-    """Reconstructs every pixel as -720 HU (0.2 in the window's units); anomaly logit 0."""
-
-    def forward(self, x):
-        return torch.full_like(x, 0.2), torch.zeros_like(x)
-
-
-def test_tissue_deficit_is_the_shortfall_below_the_reconstruction_in_hu():
-    hu = np.full((2, 40, 40), -800.0, np.float32)
-    hu[:, 10:20, 10:20] = -950.0
-    hu[:, 25:30, 25:30] = -1100.0  # below the window: counts as -1000
-    hu[:, 30:35, 10:15] = -600.0  # denser than the reconstruction: no deficit
-    lungs = np.zeros(hu.shape, np.uint8)
-    lungs[:, 5:36, 5:36] = 1
-    deficit = np.full(hu.shape, 7.0, np.float32)
-    predict_anomaly(hu, lungs, _FlatReconstruction(), torch.device("cpu"),
-                    deficit_out=deficit)
-    expected = np.where(lungs > 0, np.clip(-720.0 - np.maximum(hu, -1000.0), 0, None), 0)
-    np.testing.assert_allclose(deficit, expected, atol=0.01)
-    assert deficit[0, 12, 12] == pytest.approx(230.0, abs=0.01)
 
 
 def test_train_flags_make_the_baselines(tmp_path):

@@ -13,21 +13,18 @@ def test_measure_counts_by_hand():
     label = np.zeros(hu.shape, np.uint8)
     label[0, 0, :2] = 1
     anomaly = np.linspace(0, 0.9, 10, dtype=np.float32).reshape(hu.shape)
-    deficit = np.arange(10, dtype=np.float32).reshape(hu.shape) * 10.0
-    m = measure(hu, mask, label, anomaly, deficit, voxel_ml=0.5)
+    m = measure(hu, mask, label, anomaly, voxel_ml=0.5)
     assert m["volume_ml"] == 4.5
     assert m["emphysema_index_percent"] == round(200 / 9, 4)
     assert m["laa950_percent"] == round(300 / 9, 4)   # -1000, -960, -950 (<= -950)
     assert m["perc15_hu"] == round(float(np.percentile(hu[mask], 15)), 2)
     assert m["mean_anomaly"] == round(float(anomaly[mask].mean()), 6)
-    assert m["tissue_deficit_hu"] == 40.0  # 0, 10, ..., 80: the 90 of the 0 HU voxel is out
 
 
 def test_empty_region_has_no_values():
     m = measure(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2)),
-                np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), 1.0)
+                np.zeros((1, 2, 2)), 1.0)
     assert m["volume_ml"] == 0 and m["emphysema_index_percent"] is None
-    assert m["tissue_deficit_hu"] is None
 
 
 def test_region_masks_order():

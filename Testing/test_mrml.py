@@ -104,7 +104,7 @@ def fake_result(ct: Volume, seed=1):
             for i, (name, stage) in enumerate((("whole lung", "Mild"), ("right lung", "None"),
                                                ("left lung", "Moderate")))]
     return CaseResult(ct, lungs, lungs.copy(), {1: "right upper zone"}, "zones", anomaly,
-                      anomaly * 100.0, emphysema, Measurements.from_dicts(rows))
+                      emphysema, Measurements.from_dicts(rows))
 
 
 def load_segmentation(path, scene):

@@ -18,8 +18,7 @@ from EmphysemaUADLib.phantom import make_phantom
 from EmphysemaUADLib.volume_io import Volume, write_volume
 
 HRCT_LABELS = SHARED_DATA / "emphysema-hrct-slices" / "labels.csv"
-LABELS = ("model anomaly score", "model EI", "model tissue deficit", "LAA-950", "LAA-910",
-          "Perc15")
+LABELS = ("model anomaly score", "model EI", "LAA-950", "LAA-910", "Perc15")
 
 
 def write_csv(folder, text: str, files=()):
@@ -286,8 +285,7 @@ def test_validate_writes_every_output(validated, cohort):
     assert [r["key"] for r in rows] == ["auroc", "auroc:paraseptal", "auroc:centrilobular",
                                         "spearman_severity"]
     for row in rows:
-        assert set(row["values"]) == {"anomaly_score", "model_ei", "tissue_deficit", "laa950",
-                                      "laa910", "perc15"}
+        assert set(row["values"]) == {"anomaly_score", "model_ei", "laa950", "laa910", "perc15"}
     # the density baselines see the air-like voxels
     for key in ("laa950", "laa910", "perc15"):
         auroc = rows[0]["values"][key]
