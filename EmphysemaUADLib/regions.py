@@ -31,14 +31,21 @@ def superior_coordinate(index_zyx: np.ndarray, geometry: Geometry) -> np.ndarray
     return geometry.origin[2] + ijk @ direction[2]
 
 
+MIN_ZONE_SLICES = 3  # a lung's height is cut in thirds only when each third has a slice
+
+
 def lung_zones(lungs: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Zone labels (keys of ZONES) from a lung mask with right = 1, left = 2."""
+    """Zone labels (keys of ZONES) from a lung mask with right = 1, left = 2. A lung seen on
+    fewer than MIN_ZONE_SLICES axial slices (a single HRCT slice, say) has no height to
+    divide and gets no zones: it is measured as a whole lung only."""
     zones = np.zeros(lungs.shape, dtype=np.uint8)
     for side, first_label in ((RIGHT, 1), (LEFT, 4)):
         idx = np.argwhere(lungs == side)
         if len(idx) == 0:
             continue
         s = superior_coordinate(idx, geometry)
+        if len(np.unique(np.round(s, 3))) < MIN_ZONE_SLICES:
+            continue
         lo, hi = float(s.min()), float(s.max())
         # thirds of the height, from the top: upper, middle, lower
         third = np.clip(((hi - s) / max(hi - lo, 1e-6) * 3).astype(int), 0, 2)

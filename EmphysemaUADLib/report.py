@@ -84,6 +84,8 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""
     kind = {"zones": "zones (thirds of each lung's height, not lobes)"}.get(
         result.region_kind, result.region_kind)
+    if not result.legend:
+        kind = "each lung (too few slices for zones)"
     title = (f"{case}: stage {whole.stage}"
              + (" (partial scan)" if whole.partial else "")
              + f", emphysema index {whole.emphysema_index_percent:.2f} %")

@@ -33,6 +33,13 @@ def test_zones_are_equal_thirds_from_the_top():
     assert max(counts) - min(counts) <= 12 * 14  # at most one slice apart
 
 
+@pytest.mark.parametrize("slices, zoned", [(1, False), (2, False), (3, True)])
+def test_a_lung_on_fewer_than_three_slices_gets_no_zones(slices, zoned):
+    """One axial slice has no height: every voxel would be 'upper zone'."""
+    zones = lung_zones(box_lungs((slices, 20, 40)), GEOMETRY)
+    assert set(np.unique(zones)) == ({0, *ZONES} if zoned else {0})
+
+
 def test_zones_follow_the_physical_direction():
     flipped = Geometry(GEOMETRY.spacing, GEOMETRY.origin, (1, 0, 0, 0, 1, 0, 0, 0, -1))
     zones = lung_zones(box_lungs(), flipped)
