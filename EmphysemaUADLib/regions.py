@@ -43,9 +43,9 @@ def lung_zones(lungs: np.ndarray, geometry: Geometry) -> np.ndarray:
         idx = np.argwhere(lungs == side)
         if len(idx) == 0:
             continue
+        if len(np.unique(idx[:, superior_axis(geometry)[0]])) < MIN_ZONE_SLICES:
+            continue  # counted in slices: on a tilted grid S varies within one slice too
         s = superior_coordinate(idx, geometry)
-        if len(np.unique(np.round(s, 3))) < MIN_ZONE_SLICES:
-            continue
         lo, hi = float(s.min()), float(s.max())
         # thirds of the height, from the top: upper, middle, lower
         third = np.clip(((hi - s) / max(hi - lo, 1e-6) * 3).astype(int), 0, 2)

@@ -64,14 +64,14 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     from .render import LABEL_COLORS, LUNG_WINDOW, OUTLINE_COLORS, preview_views
 
     region, z, y = worst_region_view(result)
-    axial, coronal, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
-                                          coronal_index=y, outline=result.lungs)
+    axial, right, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
+                                        coronal_index=y, outline=result.lungs)
     sz = result.ct.geometry.spacing_zyx
     axial_title = f"axial (slice {z + 1} of {result.ct.shape[0]}, {sz[0]:g} mm)"
     right_title, right_top = "coronal (patient right on the left)", "S"
-    if coronal.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
+    if right.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
         # so the same axial slice without marks, to compare the flagged voxels with the CT
-        coronal, _, _ = preview_views(result.ct, axial_index=z, coronal_index=y)
+        right, _, _ = preview_views(result.ct, axial_index=z, coronal_index=y)
         right_title, right_top = "the same slice, CT only", "A"
     whole = result.measurements.whole
     rows, highlight = region_table(result)
@@ -84,7 +84,7 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""
     kind = {"zones": "zones (thirds of each lung's height, not lobes)"}.get(
         result.region_kind, result.region_kind)
-    if not result.legend:
+    if result.region_kind == "zones" and not result.legend:
         kind = "each lung (too few slices for zones)"
     title = (f"{case}: stage {whole.stage}"
              + (" (partial scan)" if whole.partial else "")
@@ -93,7 +93,7 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill"),
               ("right lung outline", OUTLINE_COLORS[1], "line"),
               ("left lung outline", OUTLINE_COLORS[2], "line")]
-    fig = case_overlay(axial, coronal, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
+    fig = case_overlay(axial, right, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
                        notes, legend, LUNG_WINDOW, (axial_title, right_title), right_top)
     return save_figure(fig, path)
 

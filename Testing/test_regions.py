@@ -38,6 +38,11 @@ def test_a_lung_on_fewer_than_three_slices_gets_no_zones(slices, zoned):
     """One axial slice has no height: every voxel would be 'upper zone'."""
     zones = lung_zones(box_lungs((slices, 20, 40)), GEOMETRY)
     assert set(np.unique(zones)) == ({0, *ZONES} if zoned else {0})
+    # a tilted grid: S varies across one slice, which is still one slice
+    c, s = np.cos(0.3), np.sin(0.3)
+    tilted = Geometry(GEOMETRY.spacing, GEOMETRY.origin, (1, 0, 0, 0, c, -s, 0, s, c))
+    assert set(np.unique(lung_zones(box_lungs((slices, 20, 40)), tilted))) == (
+        {0, *ZONES} if zoned else {0})
 
 
 def test_zones_follow_the_physical_direction():
