@@ -115,8 +115,12 @@ def image_panel(ax, rgb: np.ndarray, title: str, left: str = "R", right: str = "
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
+    from matplotlib import patheffects
+
     h, w = rgb.shape[:2]
-    style = {"color": "yellow", "fontsize": 10, "fontweight": "bold"}
+    # a black outline keeps the labels readable where they fall on bright bone or tissue
+    outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+    style = {"color": "yellow", "fontsize": 10, "fontweight": "bold", "path_effects": outline}
     ax.text(0.01, 0.5, left, transform=ax.transAxes, va="center", ha="left", **style)
     ax.text(0.99, 0.5, right, transform=ax.transAxes, va="center", ha="right", **style)
     ax.text(0.5, 0.99, top, transform=ax.transAxes, va="top", ha="center", **style)
@@ -124,9 +128,10 @@ def image_panel(ax, rgb: np.ndarray, title: str, left: str = "R", right: str = "
     if length:
         px = length / pixel_mm
         x0, y0 = w - px - 0.04 * w, h - 0.05 * h
-        ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=3)
+        ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=3, path_effects=[
+            patheffects.Stroke(linewidth=5, foreground="black"), patheffects.Normal()])
         ax.text(x0 + px / 2, y0 - 0.015 * h, f"{length:g} mm", color="white", ha="center",
-                va="bottom", fontsize=9)
+                va="bottom", fontsize=9, path_effects=outline)
     return ax
 
 
