@@ -15,16 +15,22 @@ import torch
 from .checkpoint import load_model, model_file
 from .devices import choose_device
 from .errors import InputError, setting_error
-from .inference import predict_anomaly
+from .inference import predict_ct
 from .lungs import segment_lungs
-from .measurements import (NOT_IN_SCAN, PARTIAL, Measurements, RegionMeasurements, measure,
-                           region_masks)
+from .measurements import (NOT_IN_SCAN, PARTIAL, Measurements, RegionMeasurements,
+                           lung_noise_hu, measure, region_masks)
 # the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
 from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
 from .progress import NO_PROGRESS, Progress
-from .regions import LOBES, ZONES, cut_ends, lung_zones, read_regions
+from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regions,
+                      superior_axis)
 from .staging import Staging
 from .volume_io import Volume
+
+
+# Lung noise (measurements.lung_noise_hu) above which a result is flagged as unreliable: the
+# noisiest real scans the bundled model was checked on read 41-49 HU (sharp kernels).
+NOISE_WARN_HU = 55.0
 
 
 @dataclass
@@ -70,6 +76,7 @@ class CaseResult:
     anomaly: np.ndarray
     emphysema: np.ndarray
     measurements: Measurements
+    noise_hu: float | None = None  # measurements.lung_noise_hu
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -111,11 +118,24 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
                            for e in ends)
         progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "
-                     "only part of them; the regions cut off are marked partial.", "warning")
+                     "only part of them; the regions cut off are marked partial"
+                     + (" (every zone of a cut lung: zones are thirds of the part scanned)"
+                        if kind == "zones" and legend else "") + ".", "warning")
+    # zones are thirds of the height scanned: every zone of a lung the scan cuts is partial
+    cut_lungs = np.isin(lungs, [side for side in (RIGHT, LEFT)
+                                if kind == "zones" and ends and cut_ends(lungs == side,
+                                                                         ct.geometry)])
+    noise = timer("noise", lung_noise_hu, ct.array, lungs, superior_axis(ct.geometry)[0])
+    if noise is not None and noise > NOISE_WARN_HU:
+        progress.log(f"{ct.source or 'CT'}: the lungs' fine-scale noise is about {noise:.0f} "
+                     f"HU, above the {NOISE_WARN_HU:.0f} HU up to which the model was checked; "
+                     "such noise makes air-dark speckle that can be flagged as emphysema. A "
+                     "smoother kernel or thicker slices of the same scan give a more reliable "
+                     "result.", "warning")
     measured = dict(legend)
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
-    anomaly = timer("network", predict_anomaly, ct.array, lungs, detector.model,
+    anomaly = timer("network", predict_ct, ct, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
@@ -126,7 +146,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                                                      ct.geometry.voxel_ml))
             if row.empty and name not in legend.values() and name in LOBES.values():
                 row.coverage = NOT_IN_SCAN
-            elif ends and cut_ends(mask, ct.geometry):
+            elif ends and (cut_ends(mask, ct.geometry) or (mask & cut_lungs).any()):
                 row.coverage = PARTIAL
             if not row.empty:
                 row.stage = detector.staging.stage(row.emphysema_index_percent)
@@ -136,4 +156,5 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         return Measurements(rows)
 
     rows = timer("measurements", measure_all)
-    return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, timer.timings)
+    return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, noise,
+                      timer.timings)

@@ -26,6 +26,32 @@ def perc15_hu(values: np.ndarray) -> float:
     return round(float(np.percentile(values, 15)), 2)
 
 
+PARENCHYMA_BELOW_HU = -700.0  # lung voxels darker than this: parenchyma, not vessels
+NOISE_SLICES = 24  # slices sampled, evenly, for the noise estimate
+
+
+def lung_noise_hu(hu: np.ndarray, lungs: np.ndarray, superior: int = 0) -> float | None:
+    """Fine-scale noise in the lung parenchyma (HU): the robust spread (1.4826 x MAD) of each
+    voxel's difference to its 3 x 3 in-plane median, inside the eroded lungs below
+    PARENCHYMA_BELOW_HU; the median over up to NOISE_SLICES slices along the `superior`
+    axis. It reads kernel and dose together (what makes air-dark speckle); None when no
+    slice holds enough parenchyma."""
+    from scipy import ndimage
+
+    hu, lungs = np.moveaxis(hu, superior, 0), np.moveaxis(lungs, superior, 0)
+    levels = np.flatnonzero(lungs.any(axis=(1, 2)))
+    spreads = []
+    for z in levels[np.linspace(0, len(levels) - 1, min(NOISE_SLICES, len(levels))).astype(int)]:
+        inside = ndimage.binary_erosion(lungs[z] > 0, iterations=3)
+        image = hu[z].astype(np.float32)
+        inside &= image < PARENCHYMA_BELOW_HU
+        if inside.sum() < 500:
+            continue
+        residual = (image - ndimage.median_filter(image, 3))[inside]
+        spreads.append(1.4826 * np.median(np.abs(residual - np.median(residual))))
+    return round(float(np.median(spreads)), 1) if spreads else None
+
+
 @dataclass(frozen=True)
 class Column:
     key: str  # as report.json, summary.csv and the Slicer table name it

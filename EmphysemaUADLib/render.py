@@ -33,7 +33,7 @@ def window(hu: np.ndarray, width: float = LUNG_WINDOW[0], level: float = LUNG_WI
     return np.round(np.clip(grey, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _display_axes(direction) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+def display_axes(direction) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """For the array axes (z, y, x): which array axis runs along each patient axis (S, A->P,
     R->L in display order) and whether it must be flipped. LPS: +x left, +y posterior,
     +z superior. Oblique directions use the closest patient axis."""
@@ -56,7 +56,7 @@ def canonical(array: np.ndarray, direction) -> tuple[np.ndarray, tuple[int, int,
                                                      tuple[bool, bool, bool]]:
     """The array as (inferior->superior, anterior->posterior, right->left) plus the axis
     order and flips used (to map indices of the original array)."""
-    order, flips = _display_axes(direction)
+    order, flips = display_axes(direction)
     out = np.transpose(array, order)
     for axis, flip in enumerate(flips):
         if flip:

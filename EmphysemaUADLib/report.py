@@ -16,6 +16,7 @@ from .atomic import replace_folder, scratch_folder, write_text_atomic
 from .detection import CaseResult, Detector
 from .measurements import COMPLETE, NOT_IN_SCAN, SUMMARY_KEYS
 from .regions import LOBE_CODES, LOBES
+from .render import display_axes
 from .volume_io import write_volume
 
 SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS)
@@ -23,7 +24,10 @@ SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS)
 
 def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
     """(region, axial index, coronal index) through the region with the highest index,
-    at the slice and row holding most of its emphysema (its centre when it has none)."""
+    at the slice and row holding most of its emphysema (its centre when it has none); the
+    indices run along the array axes nearest to superior and to posterior (render's
+    display_axes), whatever plane the CT is stored in."""
+
     candidates = [r for r in result.measurements.regions if not r.empty]
     rows = candidates or [result.measurements.whole]
     worst = max(rows, key=lambda r: r.emphysema_index_percent or 0.0)
@@ -32,8 +36,9 @@ def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
     weight = mask & (result.emphysema > 0)
     if not weight.any():
         weight = mask
-    z = int(np.argmax(weight.sum(axis=(1, 2))))
-    y = int(np.argmax(weight.sum(axis=(0, 2))))
+    (s_axis, p_axis, _), _ = display_axes(result.ct.geometry.direction)
+    z = int(np.argmax(weight.sum(axis=tuple(a for a in range(3) if a != s_axis))))
+    y = int(np.argmax(weight.sum(axis=tuple(a for a in range(3) if a != p_axis))))
     return worst.region, z, y
 
 
@@ -66,8 +71,9 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     region, z, y = worst_region_view(result)
     axial, right, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
                                         coronal_index=y, outline=result.lungs)
-    sz = result.ct.geometry.spacing_zyx
-    axial_title = f"axial (slice {z + 1} of {result.ct.shape[0]}, {sz[0]:g} mm)"
+    s_axis = display_axes(result.ct.geometry.direction)[0][0]
+    axial_title = (f"axial (slice {z + 1} of {result.ct.shape[s_axis]}, "
+                   f"{result.ct.geometry.spacing_zyx[s_axis]:g} mm)")
     right_title, right_top = "coronal (patient right on the left)", "S"
     if right.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
         # so the same axial slice without marks, to compare the flagged voxels with the CT
@@ -133,6 +139,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
                      "spacing_mm": list(result.ct.geometry.spacing),
                      "origin_mm": list(result.ct.geometry.origin),
                      "direction": list(result.ct.geometry.direction)},
+        "lung_noise_hu": result.noise_hu,
         "region_kind": result.region_kind,
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,

@@ -255,6 +255,9 @@ def read_image(path: str | os.PathLike, what: str = "image") -> tuple[sitk.Image
                              "DICOM folder).") from None
     if p.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(p, image)
+    if image.GetDimension() == 2:
+        note = (f"{p}: a 2-D image does not say how thick its slice is; it is taken as 1 mm, "
+                "so volumes (mL) are per mm of thickness (percentages do not depend on it).")
     return _as_3d(image, str(p)), note
 
 

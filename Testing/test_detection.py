@@ -12,9 +12,13 @@ from scipy.stats import spearmanr
 
 from conftest import SHARED_DATA, requires_shared
 from EmphysemaUADLib.cli import main
-from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
+from EmphysemaUADLib.detection import NOISE_WARN_HU, Detector, default_model_path, detect_case
+from EmphysemaUADLib.errors import InputError
+from EmphysemaUADLib.measurements import PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
-from EmphysemaUADLib.volume_io import read_ct
+from EmphysemaUADLib.progress import Progress
+from EmphysemaUADLib.report import write_case
+from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
 # small, but at a clinical in-plane resolution: the network sees structures at their size
 PHANTOM = dict(shape=(40, 256, 256), spacing=(5.0, 1.4, 1.4), noise=20.0)
@@ -132,3 +136,65 @@ def test_real_ct_is_none_in_every_region(detector):
     for row in result.measurements:
         assert row.stage == "None", row
         assert row.emphysema_index_percent < 1.0, row
+
+
+
+class Recorder(Progress):
+    """A silent progress that keeps every logged message."""
+
+    def __init__(self, messages: list):
+        super().__init__("none")
+        self.messages = messages
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.messages.append(message)
+
+def test_every_zone_of_a_lung_the_scan_cuts_is_partial(severe, severe_result, detector):
+    top = Volume(severe.ct.array[severe.ct.shape[0] // 2:], severe.ct.geometry, "upper half")
+    messages = []
+    result = detect_case(top, detector, progress=Recorder(messages))
+    zones = [r for r in result.measurements if r.region in ZONE_NAMES and not r.empty]
+    assert len(zones) == 6 and all(r.coverage == PARTIAL for r in zones)
+    assert any("every zone of a cut lung" in m for m in messages)
+    # on any scan, a zone is partial exactly when its lung is
+    for result in (result, severe_result):
+        coverage = {r.region: r.coverage for r in result.measurements}
+        assert all(coverage[z] == coverage[z.split()[0] + " lung"] for z in ZONE_NAMES)
+
+
+def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path):
+    quiet = make_phantom(seed=12, emphysema="none", **{**PHANTOM, "noise": 10.0})
+    noisy = make_phantom(seed=12, emphysema="none", **{**PHANTOM, "noise": 90.0})
+    quiet_messages, noisy_messages = [], []
+    quiet_result = detect_case(quiet.ct, detector, progress=Recorder(quiet_messages))
+    noisy_result = detect_case(noisy.ct, detector, progress=Recorder(noisy_messages))
+    assert quiet_result.noise_hu < NOISE_WARN_HU < noisy_result.noise_hu
+    assert not any("noise" in m for m in quiet_messages)
+    assert any(f"noise is about {noisy_result.noise_hu:.0f} HU" in m for m in noisy_messages)
+    folder = write_case(noisy_result, detector, "noisy", tmp_path)
+    assert json.loads((folder / "report.json").read_text())["lung_noise_hu"] == \
+        noisy_result.noise_hu
+
+
+def test_a_coronally_stored_ct_gets_its_overlay_and_the_axial_result(severe, severe_result,
+                                                                      detector, tmp_path):
+    ct = severe.ct
+    sx, sy, sz = ct.geometry.spacing
+    ox, oy, oz = ct.geometry.origin
+    coronal = Volume(np.ascontiguousarray(ct.array.transpose(1, 0, 2)[:, ::-1, :]),
+                     Geometry((sx, sz, sy), (ox, oy, oz + (ct.shape[0] - 1) * sz),
+                              (1, 0, 0, 0, 0, 1, 0, -1, 0)), "coronal")
+    result = detect_case(coronal, detector)
+    assert result.measurements.whole.emphysema_index_percent == pytest.approx(
+        severe_result.measurements.whole.emphysema_index_percent, abs=0.05)
+    folder = write_case(result, detector, "coronal", tmp_path)
+    assert (folder / "overlay.png").stat().st_size > 10_000
+
+
+def test_a_two_d_image_says_its_volumes_assume_1_mm(tmp_path):
+    image = sitk.GetImageFromArray(np.full((64, 64), -800, np.int16))
+    sitk.WriteImage(image, str(tmp_path / "slice.nii.gz"))
+    messages = []
+    with pytest.raises(InputError):  # one uniform slice: no CT, but the note comes first
+        read_ct(tmp_path / "slice.nii.gz", Recorder(messages))
+    assert any("2-D image" in m and "1 mm" in m for m in messages)
