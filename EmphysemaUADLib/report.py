@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
-from .detection import CaseResult, Detector
+from .detection import NOISE_WARN_HU, CaseResult, Detector
 from .measurements import COMPLETE, NOT_IN_SCAN, SUMMARY_KEYS
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
@@ -85,6 +85,9 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if whole.partial:
         notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
                      "are partial; their values describe the scanned part only.")
+    if result.noise_hu is not None and result.noise_hu > NOISE_WARN_HU:
+        notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
+                     f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
     if any(r.coverage == NOT_IN_SCAN for r in result.measurements):
         notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
     threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""

@@ -162,7 +162,7 @@ def test_every_zone_of_a_lung_the_scan_cuts_is_partial(severe, severe_result, de
         assert all(coverage[z] == coverage[z.split()[0] + " lung"] for z in ZONE_NAMES)
 
 
-def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path):
+def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path, monkeypatch):
     quiet = make_phantom(seed=12, emphysema="none", **{**PHANTOM, "noise": 10.0})
     noisy = make_phantom(seed=12, emphysema="none", **{**PHANTOM, "noise": 90.0})
     quiet_messages, noisy_messages = [], []
@@ -171,7 +171,13 @@ def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path):
     assert quiet_result.noise_hu < NOISE_WARN_HU < noisy_result.noise_hu
     assert not any("noise" in m for m in quiet_messages)
     assert any(f"noise is about {noisy_result.noise_hu:.0f} HU" in m for m in noisy_messages)
+    from EmphysemaUADLib import plots
+    overlay_notes = []
+    draw = plots.case_overlay
+    monkeypatch.setattr(plots, "case_overlay", lambda *args, **kwargs: (
+        overlay_notes.extend(args[8]), draw(*args, **kwargs))[1])
     folder = write_case(noisy_result, detector, "noisy", tmp_path)
+    assert any("Noisy scan" in note for note in overlay_notes)
     assert json.loads((folder / "report.json").read_text())["lung_noise_hu"] == \
         noisy_result.noise_hu
 
