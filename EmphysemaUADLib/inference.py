@@ -3,10 +3,11 @@
 `predict_ct` shows the network what it learnt from, whatever grid a CT is stored on: axial
 slices (a coronally stored series is turned) at a pixel size within PIXEL_RANGE_MM (finer or
 coarser grids are resampled in-plane), and brings the map back to the CT's grid.
-`predict_anomaly` runs the network over the slices of an array as they are. Slices are cropped to the lungs' in-plane bounding box (padded with air to a multiple of 16,
-as the U-Net needs), streamed through the network a batch at a time, and the anomaly
-probabilities written straight into a map of the CT's shape: memory on the device is bounded
-by the batch, whatever the number of slices.
+`predict_anomaly` runs the network over the slices of an array as they are: cropped to the
+lungs' in-plane bounding box (padded with air to a multiple of 16, as the U-Net needs),
+streamed through the network a batch at a time, and the anomaly probabilities written
+straight into a map of the array's shape: memory on the device is bounded by the batch,
+whatever the number of slices.
 
 The voxel score is the anomaly head's probability, or, for a reconstruction-only model (the
 baseline of the reconstruction-based detectors, trained without the anomaly term), the
@@ -106,7 +107,7 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
     return anomaly
 
 
-def _in_plane_zoom(spacing_yx) -> tuple[float, float]:
+def _zoom_factors(spacing_yx) -> tuple[float, float]:
     """Zoom factors that bring each in-plane pixel size into PIXEL_RANGE_MM."""
     return tuple(float(s) / float(np.clip(s, *PIXEL_RANGE_MM)) for s in spacing_yx)
 
@@ -128,7 +129,7 @@ def predict_ct(ct: Volume, lungs: np.ndarray, model: torch.nn.Module, device: to
     axis, _ = superior_axis(ct.geometry)
     order = (axis, *[a for a in range(3) if a != axis])
     hu, mask = np.transpose(ct.array, order), np.transpose(lungs > 0, order)
-    factors = _in_plane_zoom([ct.geometry.spacing_zyx[a] for a in order[1:]])
+    factors = _zoom_factors([ct.geometry.spacing_zyx[a] for a in order[1:]])
     resampled = any(abs(f - 1.0) > 1e-3 for f in factors)
     if resampled:
         hu = _zoom_in_plane(hu, factors)

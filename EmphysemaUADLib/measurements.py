@@ -36,7 +36,7 @@ def lung_noise_hu(hu: np.ndarray, lungs: np.ndarray, superior: int = 0) -> float
     PARENCHYMA_BELOW_HU; the median over up to NOISE_SLICES slices along the `superior`
     axis. It reads kernel and dose together (what makes air-dark speckle); None when no
     slice holds enough parenchyma."""
-    from scipy import ndimage
+    from scipy import ndimage  # here: the Slicer glue imports this module for its columns
 
     hu, lungs = np.moveaxis(hu, superior, 0), np.moveaxis(lungs, superior, 0)
     levels = np.flatnonzero(lungs.any(axis=(1, 2)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -115,8 +116,6 @@ def image_panel(ax, rgb: np.ndarray, title: str, left: str = "R", right: str = "
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    from matplotlib import patheffects
-
     h, w = rgb.shape[:2]
     # a black outline keeps the labels readable where they fall on bright bone or tissue
     outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]

@@ -27,7 +27,6 @@ def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
     at the slice and row holding most of its emphysema (its centre when it has none); the
     indices run along the array axes nearest to superior and to posterior (render's
     display_axes), whatever plane the CT is stored in."""
-
     candidates = [r for r in result.measurements.regions if not r.empty]
     rows = candidates or [result.measurements.whole]
     worst = max(rows, key=lambda r: r.emphysema_index_percent or 0.0)
