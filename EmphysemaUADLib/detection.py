@@ -17,8 +17,8 @@ from .devices import choose_device
 from .errors import InputError, setting_error
 from .inference import predict_ct
 from .lungs import segment_lungs
-from .measurements import (NOT_IN_SCAN, PARTIAL, Measurements, RegionMeasurements,
-                           lung_noise_hu, measure, region_masks)
+from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
+                           RegionMeasurements, lung_noise_hu, measure, noisy, region_masks)
 # the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
 from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
 from .progress import NO_PROGRESS, Progress
@@ -26,11 +26,6 @@ from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regi
                       superior_axis)
 from .staging import Staging
 from .volume_io import Volume
-
-
-# Lung noise (measurements.lung_noise_hu) above which a result is flagged as unreliable: the
-# noisiest real scans the bundled model was checked on read 41-49 HU (sharp kernels).
-NOISE_WARN_HU = 55.0
 
 
 @dataclass
@@ -99,9 +94,10 @@ class _Timer:
 
 def detect_case(ct: Volume, detector: Detector, lobes=None,
                 progress: Progress = NO_PROGRESS, lungs: np.ndarray | None = None,
-                warn_partial: bool = True) -> CaseResult:
+                warn: bool = True) -> CaseResult:
     """Detection and measurements of one CT. Regions the scan cuts off are marked partial
-    and, with `warn_partial`, a warning says so (a caller that sums them up passes False)."""
+    and, with `warn`, warnings say so and flag strong noise (a caller that sums them up over
+    a cohort passes False)."""
     timer = _Timer()
     if lungs is None:
         lungs = timer("lungs", segment_lungs, ct)
@@ -114,7 +110,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     ends = cut_ends(lungs > 0, ct.geometry)
-    if ends and warn_partial:
+    if ends and warn:
         cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
                            for e in ends)
         progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "
@@ -126,7 +122,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                                 if kind == "zones" and ends and cut_ends(lungs == side,
                                                                          ct.geometry)])
     noise = timer("noise", lung_noise_hu, ct.array, lungs, superior_axis(ct.geometry)[0])
-    if noise is not None and noise > NOISE_WARN_HU:
+    if warn and noisy(noise):
         progress.log(f"{ct.source or 'CT'}: the lungs' fine-scale noise is about {noise:.0f} "
                      f"HU, above the {NOISE_WARN_HU:.0f} HU up to which the model was checked; "
                      "such noise makes air-dark speckle that can be flagged as emphysema. A "

@@ -28,6 +28,9 @@ def perc15_hu(values: np.ndarray) -> float:
 
 PARENCHYMA_BELOW_HU = -700.0  # lung voxels darker than this: parenchyma, not vessels
 NOISE_SLICES = 24  # slices sampled, evenly, for the noise estimate
+# Lung noise above which a result is flagged as unreliable: the noisiest real scans the
+# bundled model was checked on read 41-49 HU (sharp kernels).
+NOISE_WARN_HU = 55.0
 
 
 def lung_noise_hu(hu: np.ndarray, lungs: np.ndarray, superior: int = 0) -> float | None:
@@ -50,6 +53,11 @@ def lung_noise_hu(hu: np.ndarray, lungs: np.ndarray, superior: int = 0) -> float
         residual = (image - ndimage.median_filter(image, 3))[inside]
         spreads.append(1.4826 * np.median(np.abs(residual - np.median(residual))))
     return round(float(np.median(spreads)), 1) if spreads else None
+
+
+def noisy(noise_hu: float | None) -> bool:
+    """Whether a lung noise reading (lung_noise_hu) is above what the model was checked at."""
+    return noise_hu is not None and noise_hu > NOISE_WARN_HU
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import torch
 
 from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
-from .detection import NOISE_WARN_HU, CaseResult, Detector
-from .measurements import COMPLETE, NOT_IN_SCAN, SUMMARY_KEYS
+from .detection import CaseResult, Detector
+from .measurements import COMPLETE, NOISE_WARN_HU, NOT_IN_SCAN, SUMMARY_KEYS, noisy
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
 from .volume_io import write_volume
@@ -84,7 +84,7 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if whole.partial:
         notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
                      "are partial; their values describe the scanned part only.")
-    if result.noise_hu is not None and result.noise_hu > NOISE_WARN_HU:
+    if noisy(result.noise_hu):
         notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
                      f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
     if any(r.coverage == NOT_IN_SCAN for r in result.measurements):

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import __version__, metrics
 from .errors import InputError
-from .measurements import PARTIAL, laa_percent, perc15_hu
+from .measurements import NOISE_WARN_HU, PARTIAL, laa_percent, noisy, perc15_hu
 from .progress import NO_PROGRESS, Progress
 from .staging import STAGES
 
@@ -248,9 +248,9 @@ def _detected(case: LabelledCase, detector, progress) -> dict:
     from .volume_io import read_ct
 
     ct = read_ct(case.file, progress)
-    result = detect_case(ct, detector, progress=progress, warn_partial=False)
+    result = detect_case(ct, detector, progress=progress, warn=False)
     whole = _plain(result.measurements.whole.to_dict())
-    return {**whole, "anomaly_score": result.anomaly_score,
+    return {**whole, "anomaly_score": result.anomaly_score, "lung_noise_hu": result.noise_hu,
             **density_measures(ct.array, result.lungs > 0)}
 
 
@@ -288,7 +288,9 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
             lungs = zones
     if lungs is None:
         lungs = segment_lungs(ct) > 0
-    return {**whole, "anomaly_score": anomaly_score, **density_measures(ct.array, lungs)}, report
+    return {**whole, "anomaly_score": anomaly_score,
+            "lung_noise_hu": report.get("lung_noise_hu"),
+            **density_measures(ct.array, lungs)}, report
 
 
 def score_cases(labels: Labels, detector=None, results=None, progress: Progress = NO_PROGRESS
@@ -321,6 +323,12 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
     if partial:  # once, not per image: a cohort of single slices is all partial
         progress.log(f"{partial} of {total} images cover only part of the lungs (single "
                      "slices, for example); every measure compares what was scanned.", "warning")
+    loud = [c.name for c, m in zip(labels.cases, measured) if noisy(m.get("lung_noise_hu"))]
+    if loud:
+        progress.log(f"{len(loud)} of {total} images have lung noise above {NOISE_WARN_HU:.0f} "
+                     f"HU ({', '.join(loud[:5])}{', ...' if len(loud) > 5 else ''}; "
+                     "lung_noise_hu in cases.csv): noise can be flagged as emphysema, so their "
+                     "scores are less reliable.", "warning")
     if detector is not None:
         model = {"path": detector.model_path, "config": detector.config,
                  "threshold": detector.threshold, "staging": detector.staging.to_dict(),
@@ -567,7 +575,8 @@ def case_rows(labels: Labels, measured: list[dict]) -> list[dict]:
                      "laa950_percent": m.get("laa950_percent"),
                      "laa910_percent": m.get("laa910_percent"),
                      "perc15_hu": m.get("perc15_hu"),
-                     "mean_anomaly": m.get("mean_anomaly")})
+                     "mean_anomaly": m.get("mean_anomaly"),
+                     "lung_noise_hu": m.get("lung_noise_hu")})
     return rows
 
 

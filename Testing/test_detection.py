@@ -12,7 +12,8 @@ from scipy.stats import spearmanr
 
 from conftest import SHARED_DATA, requires_shared
 from EmphysemaUADLib.cli import main
-from EmphysemaUADLib.detection import NOISE_WARN_HU, Detector, default_model_path, detect_case
+from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
+from EmphysemaUADLib.measurements import NOISE_WARN_HU
 from EmphysemaUADLib.errors import InputError
 from EmphysemaUADLib.measurements import PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom

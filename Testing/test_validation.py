@@ -312,6 +312,25 @@ def test_validate_writes_every_output(validated, cohort):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def test_noisy_images_get_one_warning_for_the_cohort(cohort, tmp_path, monkeypatch, capsys):
+    from EmphysemaUADLib import detection
+
+    readings = iter([10.0, 70.0, 12.0, 9.0, 80.0, 11.0])  # lung noise (HU) of case0..case5
+    monkeypatch.setattr(detection, "lung_noise_hu", lambda *args: next(readings))
+    labels, model = cohort
+    out = tmp_path / "out"
+    assert main(["validate", str(labels), "-o", str(out), "--model", str(model), "--device",
+                 "cpu", "--progress", "json", "--bootstrap", "0"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    noise = [e["message"] for e in events
+             if e.get("level") == "warning" and "noise" in e["message"]]
+    assert noise == ["2 of 6 images have lung noise above 55 HU (case1, case4; lung_noise_hu in "
+                     "cases.csv): noise can be flagged as emphysema, so their scores are less "
+                     "reliable."]
+    cases = list(csv.DictReader((out / "cases.csv").open()))
+    assert [float(c["lung_noise_hu"]) for c in cases] == [10.0, 70.0, 12.0, 9.0, 80.0, 11.0]
+
+
 def test_validate_from_a_detect_results_folder_gives_the_same_scores(validated, cohort,
                                                                      tmp_path, capsys):
     labels, model = cohort
