@@ -13,9 +13,8 @@ from scipy.stats import spearmanr
 from conftest import SHARED_DATA, requires_shared
 from EmphysemaUADLib.cli import main
 from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
-from EmphysemaUADLib.measurements import NOISE_WARN_HU
 from EmphysemaUADLib.errors import InputError
-from EmphysemaUADLib.measurements import PARTIAL
+from EmphysemaUADLib.measurements import NOISE_WARN_HU, PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.report import write_case

@@ -348,7 +348,7 @@ def test_validate_from_a_detect_results_folder_gives_the_same_scores(validated, 
     assert again["model"]["path"] == str(model)
     for a, b in zip(first, again["cases"]):
         for key in ("score_anomaly_score", "score_model_ei", "score_laa950", "score_laa910",
-                    "score_perc15", "model_stage"):
+                    "score_perc15", "model_stage", "lung_noise_hu"):
             assert a[key] == b[key], key
 
     # a case without results: its row is named and nothing is written
