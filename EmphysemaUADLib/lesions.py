@@ -22,10 +22,12 @@ from .errors import InputError
 
 MORPHOLOGIES = ("worley", "centrilobular", "paraseptal", "panlobular", "bullous")
 CLINICAL = ("centrilobular", "paraseptal", "panlobular", "bullous")
-# random_training_lesions: centrilobular is by far the commonest form in smokers; Worley cells
-# stay in as the published baseline texture.
+# random_training_lesions: centrilobular is by far the commonest form in smokers. The published
+# Worley cells (hard-edged air) are left out: they taught the network that any sharp dark
+# patch is disease, which is what healthy lung beside vessels looks like on a sharp kernel
+# (README, "Real emphysema"); phantoms and the benchmark still offer them.
 TRAINING_WEIGHTS = {"centrilobular": 0.35, "paraseptal": 0.15, "panlobular": 0.15,
-                    "bullous": 0.1, "worley": 0.25}
+                    "bullous": 0.1}
 FRACTION_RANGE = (0.005, 0.30)  # drawn log-uniformly when no fraction is given
 
 ELIGIBLE_BELOW_HU = -600.0

@@ -93,7 +93,7 @@ def model_card(config: dict, params: int, command: str, size_mb: float,
 
 The default model of EmphysemaUAD, used by `emphysema-uad detect` and the Slicer module when
 no other model is chosen. It was trained self-supervised: only healthy lungs, into which
-emphysema-like lesions (Worley, centrilobular, paraseptal, panlobular, bullous) were
+emphysema-like lesions (centrilobular, paraseptal, panlobular, bullous) were
 synthesised; no emphysema label of any patient was used.
 
 | | |
@@ -121,7 +121,7 @@ are in the README ("Results").
 {_real_section(validated)}**Limits.** Trained on three real CTs and phantoms. Known weak points: diffuse panlobular
 emphysema (a uniform density loss) is seen less well than by Perc15; on a sharp lung kernel
 the heart border and vessel edges raise the emphysema index of a healthy scan (the same scan:
-about 0.35 % with a standard kernel, 2.4 % with a sharp one). Fine-tune it on your own
+about 0.4 % with a standard kernel, 1.7 % with a sharp one). Fine-tune it on your own
 scanner's healthy CTs (`emphysema-uad train --init-from bundled`, or the Training tab in
 Slicer), and check it on labelled cases of your own with `emphysema-uad validate`. Not a
 medical device; for research.
