@@ -136,6 +136,17 @@ def _real_section(validated) -> str:
             "tuned anything):\n" + validated[1] + "\n")
 
 
+def _without_machine_paths(config: dict) -> dict:
+    """The config with a start model inside this repository named relative to it: the
+    shipped files must not carry the path of the machine that trained them."""
+    training = config.get("training", {})
+    start = Path(training.get("init_from") or "")
+    root = Path(__file__).resolve().parents[1]
+    if not start.is_absolute() or not start.is_relative_to(root):
+        return config
+    return {**config, "training": {**training, "init_from": str(start.relative_to(root))}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -149,7 +160,8 @@ def main() -> None:
     validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
                  if args.validation else None)  # checked before anything is written
     out = Path(args.output)
-    target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict, saved.config)
+    target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict,
+                             _without_machine_paths(saved.config))
     with torch.device("meta"):
         params = count_parameters(build_model(saved.config["model"]))
     size_mb = target.stat().st_size / 1e6
