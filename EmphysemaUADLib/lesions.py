@@ -23,9 +23,10 @@ from .errors import InputError
 MORPHOLOGIES = ("worley", "centrilobular", "paraseptal", "panlobular", "bullous")
 CLINICAL = ("centrilobular", "paraseptal", "panlobular", "bullous")
 # random_training_lesions: centrilobular is by far the commonest form in smokers. The published
-# Worley cells (hard-edged air) are left out: they taught the network that any sharp dark
-# patch is disease, which is what healthy lung beside vessels looks like on a sharp kernel
-# (README, "Real emphysema"); phantoms and the benchmark still offer them.
+# Worley cells (hard-edged air) are left out: they reward flagging sharp dark patches, which is
+# what healthy lung beside vessels can look like on a sharp kernel; without them real slices
+# were staged more often and a sharp-kernel healthy scan less (README, "Real emphysema").
+# Phantoms and the benchmark still offer them.
 TRAINING_WEIGHTS = {"centrilobular": 0.35, "paraseptal": 0.15, "panlobular": 0.15,
                     "bullous": 0.1}
 FRACTION_RANGE = (0.005, 0.30)  # drawn log-uniformly when no fraction is given
