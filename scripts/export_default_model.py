@@ -1,11 +1,12 @@
 """Writes a trained checkpoint as the bundled default model, with its model card.
 
 Usage: export_default_model.py BEST.pt --output Resources/Models --command "how it was trained"
-       [--validation VALIDATE_DIR/report.json]
+       [--validation VALIDATE_DIR/report.json] [--healthy-scans DETECT_DIR]
 
-The card's numbers come from the checkpoint's own config (what `train` recorded) and from the
-report of `emphysema-uad validate` run with this checkpoint on real labelled CT, so the card
-cannot drift from the weights it describes.
+The card's numbers come from the checkpoint's own config (what `train` recorded), from the
+report of `emphysema-uad validate` run with this checkpoint on real labelled CT, and from
+`emphysema-uad detect` run with it on healthy scans, so the card cannot drift from the
+weights it describes.
 """
 from __future__ import annotations
 
@@ -38,11 +39,15 @@ def _machine() -> str:
     return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
 
 
+def _check_made_with(report: dict, config: dict, what: str) -> None:
+    if (report.get("model") or {}).get("config", {}).get("training") != config["training"]:
+        raise SystemExit(f"{what} was made with another model")
+
+
 def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     """Card rows (keys naming "real", which the Slicer panel shows) and the full validation
     table, from a `validate` report made with this very model."""
-    if (report.get("model") or {}).get("config", {}).get("training") != config["training"]:
-        raise SystemExit("the validation report was made with another model")
+    _check_made_with(report, config, "the validation report")
     metrics = {row["key"]: row for row in report["metrics"]["metrics"]}
     staging = {row["key"]: row for row in report["metrics"]["staging"]["metrics"]}
     name = Path(report["labels"]).parent.name
@@ -57,8 +62,29 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     return rows, table
 
 
+def healthy_scans(folder, config: dict) -> str:
+    """The whole-lung index and stage of each healthy scan, from the per-case reports of a
+    `detect` run with this very model (case folders in name order)."""
+    cases = []
+    for path in sorted(Path(folder).glob("*/report.json")):
+        report = json.loads(path.read_text())
+        _check_made_with(report, config, str(path))
+        whole = next(r for r in report["regions"] if r["region"] == "whole lung")
+        cases.append(f"{report['case']} {whole['emphysema_index_percent']:.2f} % "
+                     f"({whole['stage']})")
+    if not cases:
+        raise SystemExit(f"{folder}: holds no detect results (CASE/report.json)")
+    return "; ".join(cases)
+
+
+def _start(config: dict) -> str:
+    start = config["training"].get("init_from")
+    return (f"The run fine-tunes the network of `{start}` (the command says where it comes "
+            "from)." if start else "The run trains the network from scratch.")
+
+
 def model_card(config: dict, params: int, command: str, size_mb: float,
-               validated: tuple[list, str] | None = None) -> str:
+               validated: tuple[list, str] | None = None, healthy: str | None = None) -> str:
     t = config["training"]
     m = config["model"]
     device = t.get("device", "cpu")
@@ -108,8 +134,7 @@ mm, healthy apart from a tumour) and one scan of another scanner reconstructed w
 and a sharp kernel (Lung-PET-CT-Dx A0001, Philips Brilliance 16, 0.84 x 0.84 x 5 mm). Lesions
 are tissue loss (a drawn share of the local parenchymal density is kept, with the image's own
 texture); training applies flips, rotations, reconstruction-kernel and noise augmentation.
-The run starts from the first bundled model (trained from scratch on the phantoms and the
-thorax CT with air-density lesions) and fine-tunes it.
+{_start(config)}
 
 **Command.** `{command}`
 
@@ -118,14 +143,19 @@ with synthetic lesions of every morphology; this measures lesion finding on synt
 lesions, not clinical accuracy. The results on phantoms with ground truth and on the real CT
 are in the README ("Results").
 
-{_real_section(validated)}**Limits.** Trained on three real CTs and phantoms. Known weak points: diffuse panlobular
-emphysema (a uniform density loss) is seen less well than by Perc15; on a sharp lung kernel
-the heart border and vessel edges raise the emphysema index of a healthy scan (the same scan:
-about 0.4 % with a standard kernel, 1.7 % with a sharp one). Fine-tune it on your own
-scanner's healthy CTs (`emphysema-uad train --init-from bundled`, or the Training tab in
-Slicer), and check it on labelled cases of your own with `emphysema-uad validate`. Not a
-medical device; for research.
+{_real_section(validated)}\
+**Limits.** Trained on three real CTs and phantoms; "Real emphysema" in the README's Results
+says what it finds and what it misses. On a sharp lung kernel the heart
+border and vessel edges raise the emphysema index of a healthy scan.{_healthy(healthy)}
+Fine-tune it on your own scanner's healthy CTs (`emphysema-uad train --init-from bundled`, or
+the Training tab in Slicer), and check it on labelled cases of your own with
+`emphysema-uad validate`. Not a medical device; for research.
 """
+
+
+def _healthy(healthy: str | None) -> str:
+    return (f" The whole-lung index of its real training CTs (healthy lungs) with this model: "
+            f"{healthy}." if healthy else "")
 
 
 def _real_section(validated) -> str:
@@ -154,11 +184,16 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the command that trained it")
     parser.add_argument("--validation", help="report.json of `emphysema-uad validate` run "
                                              "with this checkpoint on real labelled CT")
+    parser.add_argument("--healthy-scans", metavar="DETECT_DIR",
+                        help="output folder of `emphysema-uad detect` run with this checkpoint "
+                             "on its real training CTs (healthy lungs)")
     args = parser.parse_args()
 
     saved = load_checkpoint(args.checkpoint)
+    # both checked before anything is written
     validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
-                 if args.validation else None)  # checked before anything is written
+                 if args.validation else None)
+    healthy = healthy_scans(args.healthy_scans, saved.config) if args.healthy_scans else None
     out = Path(args.output)
     target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict,
                              _without_machine_paths(saved.config))
@@ -166,7 +201,8 @@ def main() -> None:
         params = count_parameters(build_model(saved.config["model"]))
     size_mb = target.stat().st_size / 1e6
     card = out / MODEL_CARD_NAME
-    write_text_atomic(card, model_card(saved.config, params, args.command, size_mb, validated))
+    write_text_atomic(card, model_card(saved.config, params, args.command, size_mb, validated,
+                                       healthy))
     print(f"written: {target} ({size_mb:.1f} MB), {target.with_suffix('.json')}, {card}")
 
 
