@@ -195,14 +195,13 @@ def main() -> None:
                  if args.validation else None)
     healthy = healthy_scans(args.healthy_scans, saved.config) if args.healthy_scans else None
     out = Path(args.output)
-    target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict,
-                             _without_machine_paths(saved.config))
+    config = _without_machine_paths(saved.config)
+    target = save_checkpoint(out / DEFAULT_MODEL_NAME, saved.state_dict, config)
     with torch.device("meta"):
-        params = count_parameters(build_model(saved.config["model"]))
+        params = count_parameters(build_model(config["model"]))
     size_mb = target.stat().st_size / 1e6
     card = out / MODEL_CARD_NAME
-    write_text_atomic(card, model_card(saved.config, params, args.command, size_mb, validated,
-                                       healthy))
+    write_text_atomic(card, model_card(config, params, args.command, size_mb, validated, healthy))
     print(f"written: {target} ({size_mb:.1f} MB), {target.with_suffix('.json')}, {card}")
 
 
