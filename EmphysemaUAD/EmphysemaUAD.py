@@ -48,6 +48,7 @@ if _LIBRARY_PARENT is not None and str(_LIBRARY_PARENT) not in sys.path:
     sys.path.insert(0, str(_LIBRARY_PARENT))
 
 from EmphysemaUADLib.devices import DEVICE_CHOICES  # noqa: E402 (needs the path above)
+from EmphysemaUADLib.process import SITE_MODEL_NAME  # noqa: E402
 
 MODEL_SOURCES = ["Bundled model", "Checkpoint file"]
 DEVICES = list(DEVICE_CHOICES)
@@ -385,6 +386,24 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
             parameters.trainDevice, parameters.resume,
             "bundled" if parameters.startFromBundled else None)).start()
 
+    @classmethod
+    def startSiteThreshold(cls, parameters, overwrite=False):
+        """A copy of the Detect tab's model, site_model.pt in the training output folder,
+        whose threshold is set from the healthy CTs of the training folder."""
+        from EmphysemaUADLib.errors import InputError
+        from EmphysemaUADLib.process import BackgroundProcess, site_threshold_args
+
+        data = Path(parameters.trainData)
+        if not _chosen(parameters.trainData) or not data.is_dir():
+            raise InputError(f"{data}: choose the folder of healthy CTs of this scanner.")
+        if not _chosen(parameters.trainOutput):
+            raise InputError("choose an output folder for the model with the site's threshold.")
+        output = Path(parameters.trainOutput) / SITE_MODEL_NAME
+        if output.exists() and not overwrite:
+            raise InputError(f"{output} already exists; choose another output folder.")
+        return BackgroundProcess.cli(site_threshold_args(
+            data, output, cls.modelPath(parameters), parameters.trainDevice)).start()
+
 
 # --- widget -----------------------------------------------------------------------------------
 class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -400,6 +419,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.detectInput = None
         self.trainProcess = None
         self.trainOutput = None
+        self.trainJob = None  # "training" or "threshold": what trainProcess runs
         self.trainedModel = None
         self.dicomExportDialog = None
         self._modelShown = None
@@ -422,6 +442,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
         self.ui.cancelDetectButton.connect("clicked(bool)", self.onCancelDetect)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.siteThresholdButton.connect("clicked(bool)", self.onSiteThreshold)
         self.ui.cancelTrainingButton.connect("clicked(bool)", self.onCancelTraining)
         self.ui.useTrainedModelButton.connect("clicked(bool)", self.onUseTrainedModel)
         self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
@@ -503,6 +524,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.enabled = bool(p and p.modelSource == MODEL_SOURCES[1])
         self.ui.cancelDetectButton.enabled = detecting
         self.ui.startTrainingButton.enabled = not training
+        self.ui.siteThresholdButton.enabled = not training
         self.ui.cancelTrainingButton.enabled = training
         self.ui.useTrainedModelButton.enabled = self.trainedModel is not None and not training
         hasResults = bool(p and p.inputVolume and p.outputSegmentation and p.outputTable)
@@ -705,15 +727,38 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainProgressBar.setValue(0)
             self.trainProcess = self.logic.startTraining(self._parameterNode)
             self.trainOutput = Path(self._parameterNode.trainOutput)
+            self.trainJob = "training"
             self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
             self.ui.trainStatusLabel.setText("Reading the healthy CTs...")
+            self.timer.start()
+            self.updateButtons()
+
+    def onSiteThreshold(self):
+        with slicer.util.tryWithErrorDisplay("The threshold could not be set.",
+                                             waitCursor=True):
+            if not ensureDependencies():
+                return
+            p = self._parameterNode
+            output = Path(p.trainOutput) / SITE_MODEL_NAME
+            exists = _chosen(p.trainOutput) and output.exists()
+            if exists and not slicer.util.confirmYesNoDisplay(f"{output} exists. Replace it?"):
+                return
+            self.trainProcess = self.logic.startSiteThreshold(p, overwrite=exists)
+            self.trainedModel = None
+            self.ui.trainLogTextEdit.clear()
+            self.ui.trainProgressBar.setValue(0)
+            self.trainOutput = output
+            self.trainJob = "threshold"
+            self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
+            self.ui.trainStatusLabel.setText("Scoring the healthy CTs...")
             self.timer.start()
             self.updateButtons()
 
     def onCancelTraining(self):
         if self.trainProcess is not None:
             self.trainProcess.cancel()
-            self.ui.trainStatusLabel.setText("Stopping: saving last.pt...")
+            self.ui.trainStatusLabel.setText("Stopping: saving last.pt..."
+                                             if self.trainJob == "training" else "Stopping...")
 
     def trainLog(self, text):
         self.ui.trainLogTextEdit.appendPlainText(text)
@@ -734,6 +779,29 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fields = {k: v for k, v in event.items() if k not in ("event", "message")}
             self.trainLog(f"[{kind}] {event.get('message', '')} "
                           f"{' '.join(f'{k}={v}' for k, v in fields.items())}".rstrip())
+
+    def finishSiteThreshold(self):
+        process, self.trainProcess = self.trainProcess, None
+        code = process.returncode
+        if code in (0, 1) and self.trainOutput.is_file():  # 1: some scans could not be used
+            self.trainedModel = self.trainOutput
+            self.ui.trainProgressBar.setValue(100)
+            self.ui.trainStatusLabel.setText(f"Threshold set: {self.trainedModel}"
+                                             + (" (some scans were skipped; see the log)"
+                                                if code else ""))
+            if slicer.util.confirmYesNoDisplay("The threshold is set. Use the model with this "
+                                               "site's threshold in the Detect tab?"):
+                self.onUseTrainedModel()
+        elif process.cancelled or code in (130, 143):
+            self.ui.trainStatusLabel.setText("Cancelled; nothing was written.")
+        else:
+            self.ui.trainStatusLabel.setText(f"Failed (exit code {code}); see the log.")
+            for line in process.stderr_tail:
+                self.trainLog(line)
+            if process.last_error:
+                slicer.util.errorDisplay(f"The threshold could not be set: "
+                                         f"{process.last_error}")
+        self.updateButtons()
 
     def finishTraining(self):
         from EmphysemaUADLib.process import training_outputs
@@ -788,7 +856,10 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event in self.trainProcess.poll():
                 self.onTrainEvent(event)
             if self.trainProcess.finished:
-                self.finishTraining()
+                if self.trainJob == "threshold":
+                    self.finishSiteThreshold()
+                else:
+                    self.finishTraining()
         if self.detectProcess is None and self.trainProcess is None:
             self.timer.stop()
 

@@ -233,6 +233,68 @@ def _run_calibrate(args) -> int:
     return 0
 
 
+# --- site-threshold ----------------------------------------------------------------------
+def _add_site_threshold(sub) -> None:
+    from .site_threshold import DEFAULT_PERCENTILE
+
+    p = _parser(sub, "site-threshold", help="set the voxel threshold from a site's healthy CTs",
+                       description="Run the model on CTs your site calls healthy and write a "
+                                   "copy of it whose threshold is a high percentile of their "
+                                   "lung voxels' scores, so that a healthy lung of this scanner "
+                                   "and kernel reads about 0.1 %% emphysema. Use the copy with "
+                                   "`detect --model` or in the Slicer panel. No labels needed.")
+    p.add_argument("healthy", nargs="+", metavar="HEALTHY",
+                   help="healthy chest CTs: files, DICOM series folders or folders of them, "
+                        "of the scanner and kernel the threshold is for")
+    _add_output(p, "the model copy to write, e.g. site_model.pt (and its .json beside it)")
+    p.add_argument("--model", help="checkpoint (.pt) or the folder `train` wrote (default: "
+                                   "the bundled model)")
+    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
+                   help="percentile of the healthy lung voxels' scores that becomes the "
+                        "threshold")
+    _add_device(p)
+    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    _add_progress(p)
+    p.set_defaults(run=_run_site_threshold)
+
+
+def _run_site_threshold(args) -> int:
+    from .atomic import check_output_file
+    from .detection import Detector
+    from .site_threshold import check_percentile, site_threshold, write_site_model
+
+    check_output_file(args.output)
+    if Path(args.output).suffix == ".json":
+        raise InputError(f"{args.output}: the model copy must not end in .json (its config "
+                         "is written beside it as <name>.json).")
+    check_percentile(args.percentile)
+    progress = _progress(args)
+    detector = Detector.load(args.model, args.device, batch_size=args.batch_size)
+    result = site_threshold(args.healthy, detector, args.percentile, progress)
+    written = write_site_model(detector.model_path, args.output, result)
+    for name, share in result.suspects:
+        progress.log(f"{name}: {share:.2f} % of its lung lies above the threshold, as much "
+                     "as in emphysema; if it is not healthy, leave it out and run again.",
+                     "warning")
+    if result.clipped:
+        progress.log(f"the {args.percentile:g}th percentile lies outside the usable range; "
+                     f"the threshold is set to {result.threshold:g}.", "warning")
+    progress.event("done", f"threshold {result.threshold:g} from {len(result.scores.names)} "
+                   f"healthy scan(s); written: {written}", threshold=result.threshold,
+                   model=str(written), scans=len(result.scores.names),
+                   refused=len(result.refused))
+    if args.progress != "json":
+        shares = dict(zip(result.scores.names, result.percent_above))
+        width = max(map(len, shares))
+        print(f"{'healthy scan':<{width}}  lung above threshold (%)")
+        for name, share in shares.items():
+            print(f"{name:<{width}}  {share:.3f}")
+        print(f"threshold: {result.threshold:g} (the {args.percentile:g}th percentile of "
+              f"{result.scores.voxels} lung voxels; the model's own was "
+              f"{detector.threshold:g})\nwritten: {written}")
+    return 1 if result.refused else 0
+
+
 # --- train -------------------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = _parser(sub, "train", help="train a model on healthy CTs (self-supervised)",
@@ -453,8 +515,8 @@ def _run_validate(args) -> int:
     return 0
 
 
-COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_train, _add_evaluate,
-            _add_benchmark, _add_validate]
+COMMANDS = [_add_lungs, _add_phantom, _add_detect, _add_calibrate, _add_site_threshold,
+            _add_train, _add_evaluate, _add_benchmark, _add_validate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,14 @@ def model_threshold(config: dict | None) -> float | None:
         return None
 
 
+def _threshold_source(config: dict | None) -> str:
+    """How a model's threshold was set, when `site-threshold` set it."""
+    site = (config or {}).get("site_threshold")
+    if not isinstance(site, dict) or not site.get("scans"):
+        return ""
+    return f", set from {site['scans']} healthy scans of this site"
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
     """The threshold a detection uses: `value` is what to hand to `detect --threshold`
@@ -73,7 +81,8 @@ def threshold_choice(use_model: bool, user_threshold: float,
         if model is None:
             return ThresholdChoice(None, "Threshold: the model's own (stored in its "
                                          "checkpoint).")
-        return ThresholdChoice(None, f"Threshold: {model:.2f}, the model's own.")
+        return ThresholdChoice(None, f"Threshold: {model:.2f}, the model's own"
+                                     f"{_threshold_source(config)}.")
     own = f"Threshold: {float(user_threshold):.2f}, chosen here"
     return ThresholdChoice(float(user_threshold),
                            own + (f" (the model's: {model:.2f})." if model is not None

@@ -95,6 +95,16 @@ def train_args(data, output, epochs: int, width: int, batch_size: int, device: s
     return args + (["--resume"] if resume else [])
 
 
+SITE_MODEL_NAME = "site_model.pt"  # what the panel names the copy with a site's threshold
+
+
+def site_threshold_args(healthy, output, model=None, device: str = "auto") -> list[str]:
+    """Arguments of `emphysema-uad site-threshold`: a copy of `model` (None: the bundled
+    one) at `output` whose threshold is set from the healthy CTs in `healthy`."""
+    args = ["site-threshold", str(healthy), "--output", str(output), "--device", device]
+    return args + (["--model", str(model)] if model else [])
+
+
 def training_outputs(output) -> tuple[Path, Path]:
     """(last.pt: the run to resume, best.pt: the model to use) in a training's folder."""
     return Path(output) / "last.pt", Path(output) / "best.pt"

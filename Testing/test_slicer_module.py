@@ -102,6 +102,23 @@ def test_the_train_command_line_parses():
     assert args.init_from == "bundled"
 
 
+def test_site_threshold_args_parse_and_leave_the_bundled_model_as_default():
+    from EmphysemaUADLib.cli import build_parser
+
+    out = Path("o") / process.SITE_MODEL_NAME
+    args = build_parser().parse_args(process.site_threshold_args("d", out, None, "cpu"))
+    assert (args.healthy, args.output, args.model, args.device) == (["d"], str(out), None,
+                                                                   "cpu")
+    args = build_parser().parse_args(process.site_threshold_args("d", out, "m.pt"))
+    assert args.model == "m.pt"
+
+
+def test_a_site_threshold_is_named_in_the_panel():
+    config = {"threshold": 0.13, "site_threshold": {"scans": 14, "threshold": 0.13}}
+    assert "0.13, the model's own, set from 14 healthy scans of this site" in \
+        modelinfo.threshold_choice(True, 0.5, config).text
+
+
 # --- item 7: one list of dependencies ------------------------------------------------------
 def pyproject_dependencies() -> list[str]:
     text = (ROOT / "pyproject.toml").read_text()
