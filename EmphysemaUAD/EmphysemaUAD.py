@@ -780,6 +780,15 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.trainLog(f"[{kind}] {event.get('message', '')} "
                           f"{' '.join(f'{k}={v}' for k, v in fields.items())}".rstrip())
 
+    def showTrainFailure(self, process, what):
+        """The status line, the worker's last stderr lines in the log, its error in a dialog."""
+        self.ui.trainStatusLabel.setText(f"{what} (exit code {process.returncode}); see the "
+                                         "log.")
+        for line in process.stderr_tail:
+            self.trainLog(line)
+        if process.last_error:
+            slicer.util.errorDisplay(f"{what}: {process.last_error}")
+
     def finishSiteThreshold(self):
         process, self.trainProcess = self.trainProcess, None
         code = process.returncode
@@ -795,12 +804,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif process.cancelled or code in (130, 143):
             self.ui.trainStatusLabel.setText("Cancelled; nothing was written.")
         else:
-            self.ui.trainStatusLabel.setText(f"Failed (exit code {code}); see the log.")
-            for line in process.stderr_tail:
-                self.trainLog(line)
-            if process.last_error:
-                slicer.util.errorDisplay(f"The threshold could not be set: "
-                                         f"{process.last_error}")
+            self.showTrainFailure(process, "The threshold could not be set")
         self.updateButtons()
 
     def finishTraining(self):
@@ -826,11 +830,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:  # stopped before the first step: nothing to resume
                 self.ui.trainStatusLabel.setText("Training cancelled before its first step.")
         else:
-            self.ui.trainStatusLabel.setText(f"Training failed (exit code {code}); see the log.")
-            for line in process.stderr_tail:
-                self.trainLog(line)
-            if process.last_error:
-                slicer.util.errorDisplay(f"Training failed: {process.last_error}")
+            self.showTrainFailure(process, "Training failed")
         self.refreshDeviceInfo(force=True)
         self.updateButtons()
 

@@ -175,15 +175,17 @@ def _add_detect(sub) -> None:
     p.add_argument("--threshold", type=float,
                    help="anomaly probability above which a voxel is emphysema "
                         "(default: the model's)")
-    _add_device(p)
-    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    _add_device(p, batch=True)
     _add_progress(p)
     p.set_defaults(run=_run_detect)
 
 
-def _add_device(p) -> None:
+def _add_device(p, batch: bool = False) -> None:
+    """--device, and with `batch` the --batch-size of a command that runs the network."""
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto: the GPU when PyTorch sees one, else the CPU")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
 
 
 def _run_detect(args) -> int:
@@ -252,8 +254,7 @@ def _add_site_threshold(sub) -> None:
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
                    help="percentile of the healthy lung voxels' scores that becomes the "
                         "threshold")
-    _add_device(p)
-    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    _add_device(p, batch=True)
     _add_progress(p)
     p.set_defaults(run=_run_site_threshold)
 
@@ -405,8 +406,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap samples of the cases for the 95 %% intervals (0: none)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first case")
-    _add_device(p)
-    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    _add_device(p, batch=True)
     _add_progress(p)
     p.set_defaults(run=_run_evaluate)
 
