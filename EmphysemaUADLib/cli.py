@@ -243,7 +243,7 @@ def _add_site_threshold(sub) -> None:
                        description="Run the model on CTs your site calls healthy and write a "
                                    "copy of it whose threshold is a high percentile of their "
                                    "lung voxels' scores, so that a healthy lung of this scanner "
-                                   "and kernel reads about 0.1 %% emphysema. Use the copy with "
+                                   "and kernel reads about 0.1 % emphysema. Use the copy with "
                                    "`detect --model` or in the Slicer panel. No labels needed.")
     p.add_argument("healthy", nargs="+", metavar="HEALTHY",
                    help="healthy chest CTs: files, DICOM series folders or folders of them, "
@@ -271,6 +271,8 @@ def _run_site_threshold(args) -> int:
     check_percentile(args.percentile)
     progress = _progress(args)
     detector = Detector.load(args.model, args.device, batch_size=args.batch_size)
+    if Path(args.output).resolve() == Path(detector.model_path).resolve():
+        raise InputError(f"{args.output} is the model itself; write the copy to another file.")
     result = site_threshold(args.healthy, detector, args.percentile, progress)
     written = write_site_model(detector.model_path, args.output, result)
     for name, share in result.suspects:

@@ -4,6 +4,7 @@ into `detect` and leaves a healthy scan of that site with the share of lung it p
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,17 +93,22 @@ def test_an_unusable_scan_is_listed_and_the_others_still_set_the_threshold(healt
     (["--percentile", "50"], "--percentile"),
     (["-o", "{tmp}/site.json"], "must not end in .json"),
     (["--percentile", "99.99"], "too few"),  # two small phantoms: not enough lung voxels
+    (["-o", "{tmp}/m.pt", "--model", "{tmp}/m.pt"], "the model itself"),
 ])
 def test_bad_settings_exit_2_in_one_line_and_write_nothing(argv, words, healthy, tmp_path,
                                                           capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--model" in argv:  # a model of its own to overwrite
+        shutil.copy(default_model_path(), tmp_path / "m.pt")
+        shutil.copy(default_model_path().with_suffix(".json"), tmp_path / "m.json")
     out = [] if "-o" in argv else ["-o", tmp_path / "site.pt"]
     code, captured = _run(["site-threshold", healthy, *out, *argv, "--device", "cpu",
                            "--progress", "none"], capsys)
     assert code == 2
     errors = [line for line in captured.err.splitlines() if "error" in line]
     assert len(errors) == 1 and words in errors[0]
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.json", "m.pt"] if "--model" in argv
+                                                          else [])
 
 
 def test_no_usable_scan_exits_2(tmp_path, capsys):
