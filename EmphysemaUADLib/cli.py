@@ -279,6 +279,11 @@ def _run_site_threshold(args) -> int:
         progress.log(f"{name}: {share:.2f} % of its lung lies above the threshold, as much "
                      "as in emphysema; if it is not healthy, leave it out and run again.",
                      "warning")
+    if result.mixed_noise:
+        low, high = result.scores.noise_range
+        progress.log(f"the scans' lung noise ranges from {low:.0f} to {high:.0f} HU, as far "
+                     "apart as different kernels or doses; a threshold fits the scans it was "
+                     "set on: set one for each kernel.", "warning")
     if result.clipped:
         progress.log(f"the {args.percentile:g}th percentile lies outside the usable range; "
                      f"the threshold is set to {result.threshold:g}.", "warning")
@@ -287,11 +292,12 @@ def _run_site_threshold(args) -> int:
                    model=str(written), scans=len(result.scores.names),
                    refused=len(result.refused))
     if args.progress != "json":
-        shares = dict(zip(result.scores.names, result.percent_above))
-        width = max(map(len, shares))
-        print(f"{'healthy scan':<{width}}  lung above threshold (%)")
-        for name, share in shares.items():
-            print(f"{name:<{width}}  {share:.3f}")
+        scores = result.scores
+        width = max(map(len, scores.names + ["healthy scan"]))
+        print(f"{'healthy scan':<{width}}  lung above threshold (%)  lung noise (HU)")
+        for name, share, noise in zip(scores.names, result.percent_above, scores.noise_hu):
+            print(f"{name:<{width}}  {share:24.3f}  "
+                  + ("-" if noise is None else f"{noise:15.1f}"))
         print(f"threshold: {result.threshold:g} (the {args.percentile:g}th percentile of "
               f"{result.scores.voxels} lung voxels; the model's own was "
               f"{detector.threshold:g})\nwritten: {written}")

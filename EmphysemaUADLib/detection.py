@@ -18,7 +18,8 @@ from .errors import InputError, setting_error
 from .inference import predict_ct
 from .lungs import segment_lungs
 from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
-                           RegionMeasurements, lung_noise_hu, measure, noisy, region_masks)
+                           RegionMeasurements, lung_noise_hu, measure, noisy, off_site_noise,
+                           region_masks)
 # the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
 from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
 from .progress import NO_PROGRESS, Progress
@@ -128,6 +129,15 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                      "such noise makes air-dark speckle that can be flagged as emphysema. A "
                      "smoother kernel or thicker slices of the same scan give a more reliable "
                      "result.", "warning")
+    site = detector.config.get("site_threshold") or {}
+    span = off_site_noise(noise, site) if site.get("threshold") == detector.threshold else None
+    if warn and span:
+        low, high = (f"{n:.0f}" for n in span)
+        progress.log(f"{ct.source or 'CT'}: the lungs' noise, {noise:.0f} HU, is far from that "
+                     f"of the healthy scans this model's threshold was set on ("
+                     f"{low if low == high else low + '-' + high} HU): another kernel or dose? "
+                     "The threshold may not fit this scan; set one for its kernel with "
+                     "`site-threshold`.", "warning")
     measured = dict(legend)
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})

@@ -60,6 +60,23 @@ def noisy(noise_hu: float | None) -> bool:
     return noise_hu is not None and noise_hu > NOISE_WARN_HU
 
 
+# Lung noise this many times below or above the healthy scans a site threshold was set on
+# marks another kernel or dose: one scan read 4 HU with a standard kernel and 42 HU with a
+# sharp one, while the healthy HRCT slices of one protocol spread over 19-49 HU.
+SITE_NOISE_FACTOR = 2.0
+
+
+def off_site_noise(noise_hu: float | None, site: dict | None) -> tuple[float, float] | None:
+    """The lung noise range (HU) of the healthy scans a site threshold was set on (its record,
+    `site_threshold.SiteThreshold.record`) when `noise_hu` lies well outside it, else None."""
+    span = (site or {}).get("lung_noise_hu")
+    if noise_hu is None or not span:
+        return None
+    low, high = span
+    inside = low / SITE_NOISE_FACTOR <= noise_hu <= high * SITE_NOISE_FACTOR
+    return None if inside else (low, high)
+
+
 @dataclass(frozen=True)
 class Column:
     key: str  # as report.json, summary.csv and the Slicer table name it

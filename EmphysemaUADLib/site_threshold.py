@@ -28,8 +28,10 @@ from .detection import Detector
 from .errors import InputError, setting_error
 from .inference import predict_ct
 from .lungs import segment_lungs
+from .measurements import lung_noise_hu
 from .process import stop_requested
 from .progress import NO_PROGRESS, Progress
+from .regions import superior_axis
 from .staging import DEFAULT_CUTPOINTS
 from .volume_io import read_ct
 
@@ -39,6 +41,8 @@ THRESHOLD_RANGE = (0.01, 0.99)  # what the Slicer panel's slider offers
 MIN_VOXELS_ABOVE = 100  # lung voxels a percentile must leave above it to be estimated
 # a "healthy" scan with this share of its lung above the threshold looks like emphysema
 SUSPECT_PERCENT = DEFAULT_CUTPOINTS[0]
+# healthy scans whose lung noise differs more than this (highest / lowest) likely mix kernels
+NOISE_SPREAD = 3.0
 
 
 @dataclass
@@ -47,11 +51,18 @@ class HealthyScores:
 
     names: list[str] = field(default_factory=list)
     counts: list[np.ndarray] = field(default_factory=list)
+    noise_hu: list[float | None] = field(default_factory=list)  # measurements.lung_noise_hu
 
-    def add(self, name: str, scores: np.ndarray) -> None:
+    def add(self, name: str, scores: np.ndarray, noise_hu: float | None = None) -> None:
         counts, _ = np.histogram(np.clip(scores, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
         self.names.append(name)
         self.counts.append(counts.astype(np.int64))
+        self.noise_hu.append(noise_hu)
+
+    @property
+    def noise_range(self) -> tuple[float, float] | None:
+        known = [n for n in self.noise_hu if n is not None]
+        return (min(known), max(known)) if known else None
 
     @property
     def voxels(self) -> int:
@@ -84,6 +95,12 @@ class SiteThreshold:
         return self.scores.percent_above(self.threshold)
 
     @property
+    def mixed_noise(self) -> bool:
+        """Whether the scans' lung noise spreads as far as different kernels do."""
+        span = self.scores.noise_range
+        return span is not None and span[1] > NOISE_SPREAD * max(span[0], 1.0)
+
+    @property
     def suspects(self) -> list[tuple[str, float]]:
         """Scans whose share above the threshold reaches stage Mild: maybe not healthy."""
         return [(name, share) for name, share in zip(self.scores.names, self.percent_above)
@@ -92,10 +109,12 @@ class SiteThreshold:
     def record(self, model_path) -> dict:
         """What the config of the site's model keeps of how its threshold was set."""
         shares = np.array(self.percent_above)
+        noise = self.scores.noise_range
         return {"threshold": self.threshold, "percentile": self.percentile,
                 "scans": len(self.scores.names), "lung_voxels": self.scores.voxels,
                 "median_percent_above": round(float(np.median(shares)), 4),
                 "max_percent_above": round(float(shares.max()), 4),
+                "lung_noise_hu": [round(n, 1) for n in noise] if noise else None,
                 "clipped": self.clipped, "from_model": Path(model_path).name,
                 "made": datetime.date.today().isoformat(), "version": __version__}
 
@@ -125,7 +144,8 @@ def healthy_scores(inputs: list[str], detector: Detector,
                     raise InputError(f"{name}: no lung found; is this a chest CT?")
                 anomaly = predict_ct(ct, lungs, detector.model, detector.device,
                                      detector.batch_size, progress, detector.score)
-                scores.add(name, anomaly[lungs > 0])
+                noise = lung_noise_hu(ct.array, lungs, superior_axis(ct.geometry)[0])
+                scores.add(name, anomaly[lungs > 0], noise)
                 continue
             except InputError as exc:
                 error = str(exc)

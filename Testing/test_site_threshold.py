@@ -3,6 +3,7 @@ sets, and `emphysema-uad site-threshold` end to end (the copy it writes carries 
 into `detect` and leaves a healthy scan of that site with the share of lung it promises)."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -13,7 +14,9 @@ from EmphysemaUADLib.checkpoint import load_checkpoint
 from EmphysemaUADLib.cli import main
 from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
 from EmphysemaUADLib.phantom import make_phantom
-from EmphysemaUADLib.site_threshold import BINS, HealthyScores
+from EmphysemaUADLib.measurements import off_site_noise
+from EmphysemaUADLib.progress import Progress
+from EmphysemaUADLib.site_threshold import BINS, HealthyScores, SiteThreshold
 from EmphysemaUADLib.volume_io import read_ct, write_volume
 
 
@@ -70,10 +73,13 @@ def test_site_threshold_writes_a_model_copy_whose_threshold_detect_uses(healthy,
     assert detector.threshold == config["threshold"]
     # a healthy scan it was set on reads about the 1 % the 99th percentile leaves above
     result = detect_case(read_ct(healthy / "h1.nii.gz"), detector, warn=False)
-    pooled_share = np.mean([float(line.split()[-1]) for line in captured.out.splitlines()[1:3]])
-    assert 0.3 < pooled_share < 3.0
+    table = {line.split()[0]: line.split()[1:] for line in captured.out.splitlines()[1:3]}
+    assert 0.3 < np.mean([float(share) for share, _ in table.values()]) < 3.0
     assert result.measurements.whole.emphysema_index_percent == pytest.approx(
-        float(captured.out.splitlines()[1].split()[-1]), abs=0.05)
+        float(table["h1"][0]), abs=0.05)
+    # the lung noise of each scan, and their range in the record for detect's check
+    noise = [float(n) for _, n in table.values()]
+    assert record["lung_noise_hu"] == [min(noise), max(noise)]
 
 
 def test_an_unusable_scan_is_listed_and_the_others_still_set_the_threshold(healthy, tmp_path,
@@ -121,3 +127,33 @@ def test_no_usable_scan_exits_2(tmp_path, capsys):
                            "none"], capsys)
     assert code == 2 and "no healthy scan could be used" in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_noise_far_outside_the_sites_marks_another_kernel():
+    site = {"lung_noise_hu": [10.0, 20.0]}
+    assert off_site_noise(4.9, site) == (10.0, 20.0) and off_site_noise(41.0, site)
+    assert off_site_noise(5.0, site) is None and off_site_noise(40.0, site) is None
+    assert off_site_noise(None, site) is None and off_site_noise(80.0, None) is None
+    scores = HealthyScores()
+    for noise in (4.4, 41.5):  # one scan, a standard and a sharp kernel
+        scores.add(f"{noise}", np.zeros(10), noise)
+    assert SiteThreshold(0.5, 99.9, scores, False, []).mixed_noise
+    scores.noise_hu = [19.3, 48.9]  # the healthy HRCT slices of one protocol
+    assert not SiteThreshold(0.5, 99.9, scores, False, []).mixed_noise
+
+
+def _warnings(detector, ct) -> list[str]:
+    stream = io.StringIO()
+    detect_case(ct, detector, progress=Progress("json", stream=stream))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [e["message"] for e in events if e.get("level") == "warning"]
+
+
+def test_detect_warns_when_a_scan_is_noisier_than_the_sites_healthy_ones(healthy):
+    detector = Detector.load(device="cpu")
+    ct = read_ct(healthy / "h1.nii.gz")
+    site = {"threshold": detector.threshold, "lung_noise_hu": [200.0, 220.0]}
+    detector.config = {**detector.config, "site_threshold": site}
+    assert any("another kernel or dose" in w for w in _warnings(detector, ct))
+    detector.threshold = 0.3  # the user's own threshold: the site's record does not apply
+    assert not any("another kernel or dose" in w for w in _warnings(detector, ct))
