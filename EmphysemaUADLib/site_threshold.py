@@ -1,17 +1,19 @@
 """A site's own voxel threshold: a high percentile of the model's scores in healthy lung.
 
 The anomaly probabilities a model gives healthy lung depend on the scanner and its kernel:
-on one HRCT scanner the bundled model's 99.9th percentile of healthy lung voxels is 0.06-0.13,
-over the real CTs it was trained on 0.76. A fixed threshold of 0.5 then misses subtle
-emphysema on the first and would flag noise on a scanner that scores higher. Setting the
-threshold from a site's healthy CTs makes a healthy lung of that site read about
-(100 - percentile) % emphysema index: 0.1 % at the default 99.9th percentile, a fifth of the
-0.5 % cut-point of stage None, which leaves room for the spread between healthy scans. No
-emphysema label is used, only scans the site calls healthy.
+the bundled model's 99.9th percentile of healthy lung voxels is 0.06-0.13 on the HRCT slices
+of one scanner, 0.53 on a thin-slice thorax CT, 0.78 and 0.89 on one scan with a standard and
+a sharp kernel. A fixed threshold of 0.5 then misses subtle emphysema on the first and lies
+in the healthy tail of the last. Setting the threshold from a site's healthy CTs makes a
+healthy lung of that site read about (100 - percentile) % emphysema index: 0.1 % at the
+default 99.9th percentile, a fifth of the 0.5 % cut-point of stage None, which leaves room
+for the spread between healthy scans. No emphysema label is used, only scans the site calls
+healthy.
 
 The result is a copy of the model whose config carries the threshold ("threshold", which
 `detect` and the Slicer panel already use) and how it was set ("site_threshold": percentile,
-scans, lung voxels, each scan's share above it; no file names, so the model can be shared).
+scans, lung voxels, shares above it, the scans' lung noise range for detect's kernel check;
+no file names, so the model can be shared).
 """
 from __future__ import annotations
 
