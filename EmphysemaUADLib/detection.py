@@ -56,6 +56,18 @@ class Detector:
         return cls(model, config, str(path), dev, threshold,
                    Staging.load(staging) if staging else Staging(), batch_size)
 
+    def off_site_noise(self, noise_hu: float | None) -> str | None:
+        """The lung noise range ("4-9 HU") of the healthy scans this model's threshold was set
+        on (`site-threshold`) when a scan's noise lies far outside it; None otherwise, or when
+        the threshold in use is not the site's."""
+        site = self.config.get("site_threshold") or {}
+        span = off_site_noise(noise_hu, site) if site.get("threshold") == self.threshold \
+            else None
+        if span is None:
+            return None
+        low, high = (f"{n:.0f}" for n in span)
+        return f"{low if low == high else low + '-' + high} HU"
+
     @property
     def score(self) -> str:
         """The voxel score the model was trained for (inference.SCORES)."""
@@ -129,15 +141,12 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                      "such noise makes air-dark speckle that can be flagged as emphysema. A "
                      "smoother kernel or thicker slices of the same scan give a more reliable "
                      "result.", "warning")
-    site = detector.config.get("site_threshold") or {}
-    span = off_site_noise(noise, site) if site.get("threshold") == detector.threshold else None
-    if warn and span:
-        low, high = (f"{n:.0f}" for n in span)
+    site_noise = detector.off_site_noise(noise)
+    if warn and site_noise:
         progress.log(f"{ct.source or 'CT'}: the lungs' noise, {noise:.0f} HU, is far from that "
-                     f"of the healthy scans this model's threshold was set on ("
-                     f"{low if low == high else low + '-' + high} HU): another kernel or dose? "
-                     "The threshold may not fit this scan; set one for its kernel with "
-                     "`site-threshold`.", "warning")
+                     f"of the healthy scans this model's threshold was set on ({site_noise}): "
+                     "another kernel or dose? The threshold may not fit this scan; set one for "
+                     "its kernel with `site-threshold`.", "warning")
     measured = dict(legend)
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})

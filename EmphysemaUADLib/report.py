@@ -87,6 +87,11 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if noisy(result.noise_hu):
         notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
                      f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
+    site_noise = detector.off_site_noise(result.noise_hu) if detector else None
+    if site_noise:
+        notes.append(f"Threshold set on other scans: the lungs' noise, {result.noise_hu:.0f} HU, "
+                     f"is far from that of the site's healthy scans ({site_noise}); another "
+                     "kernel or dose?")
     if any(r.coverage == NOT_IN_SCAN for r in result.measurements):
         notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
     threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""

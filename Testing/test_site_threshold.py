@@ -155,5 +155,6 @@ def test_detect_warns_when_a_scan_is_noisier_than_the_sites_healthy_ones(healthy
     site = {"threshold": detector.threshold, "lung_noise_hu": [200.0, 220.0]}
     detector.config = {**detector.config, "site_threshold": site}
     assert any("another kernel or dose" in w for w in _warnings(detector, ct))
+    assert detector.off_site_noise(30.0) == "200-220 HU"
     detector.threshold = 0.3  # the user's own threshold: the site's record does not apply
     assert not any("another kernel or dose" in w for w in _warnings(detector, ct))
