@@ -60,7 +60,8 @@ def _threshold_source(config: dict | None) -> str:
     site = (config or {}).get("site_threshold")
     if not isinstance(site, dict) or not site.get("scans"):
         return ""
-    return f", set from {site['scans']} healthy scans of this site"
+    scans = site["scans"]
+    return f", set from {scans} healthy scan{'s' if scans != 1 else ''} of this site"
 
 
 @dataclass(frozen=True)
