@@ -366,16 +366,25 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
-    def startTraining(parameters):
+    def trainingFolders(parameters, dataPurpose, outputPurpose):
+        """(healthy CT folder, output folder) of the Training tab; InputError, naming what
+        each is for, when one is not chosen."""
+        from EmphysemaUADLib.errors import InputError
+
+        data = Path(parameters.trainData)
+        if not _chosen(parameters.trainData) or not data.is_dir():
+            raise InputError(f"{data}: choose the folder of healthy CTs {dataPurpose}.")
+        if not _chosen(parameters.trainOutput):
+            raise InputError(f"choose an output folder for {outputPurpose}.")
+        return data, Path(parameters.trainOutput)
+
+    @classmethod
+    def startTraining(cls, parameters):
         from EmphysemaUADLib.errors import InputError
         from EmphysemaUADLib.process import BackgroundProcess, train_args, training_outputs
 
-        data, output = Path(parameters.trainData), Path(parameters.trainOutput)
+        data, output = cls.trainingFolders(parameters, "to train on", "the trained model")
         last = training_outputs(output)[0]
-        if not _chosen(parameters.trainData) or not data.is_dir():
-            raise InputError(f"{data}: choose the folder of healthy CTs to train on.")
-        if not _chosen(parameters.trainOutput):
-            raise InputError("choose an output folder for the trained model.")
         if parameters.resume and not last.is_file():
             raise InputError(f"{output}: holds no last.pt to resume from; untick Resume.")
         if not parameters.resume and last.is_file():
@@ -393,12 +402,9 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         from EmphysemaUADLib.errors import InputError
         from EmphysemaUADLib.process import BackgroundProcess, site_threshold_args
 
-        data = Path(parameters.trainData)
-        if not _chosen(parameters.trainData) or not data.is_dir():
-            raise InputError(f"{data}: choose the folder of healthy CTs of this scanner.")
-        if not _chosen(parameters.trainOutput):
-            raise InputError("choose an output folder for the model with the site's threshold.")
-        output = Path(parameters.trainOutput) / SITE_MODEL_NAME
+        data, folder = cls.trainingFolders(parameters, "of this scanner",
+                                           "the model with the site's threshold")
+        output = folder / SITE_MODEL_NAME
         if output.exists() and not overwrite:
             raise InputError(f"{output} already exists; choose another output folder.")
         return BackgroundProcess.cli(site_threshold_args(
@@ -725,13 +731,9 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.trainedModel = None
             self.ui.trainLogTextEdit.clear()
             self.ui.trainProgressBar.setValue(0)
-            self.trainProcess = self.logic.startTraining(self._parameterNode)
-            self.trainOutput = Path(self._parameterNode.trainOutput)
-            self.trainJob = "training"
-            self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
-            self.ui.trainStatusLabel.setText("Reading the healthy CTs...")
-            self.timer.start()
-            self.updateButtons()
+            self.followTrainJob("training", self.logic.startTraining(self._parameterNode),
+                                Path(self._parameterNode.trainOutput),
+                                "Reading the healthy CTs...")
 
     def onSiteThreshold(self):
         with slicer.util.tryWithErrorDisplay("The threshold could not be set.",
@@ -743,16 +745,20 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             exists = _chosen(p.trainOutput) and output.exists()
             if exists and not slicer.util.confirmYesNoDisplay(f"{output} exists. Replace it?"):
                 return
-            self.trainProcess = self.logic.startSiteThreshold(p, overwrite=exists)
             self.trainedModel = None
             self.ui.trainLogTextEdit.clear()
             self.ui.trainProgressBar.setValue(0)
-            self.trainOutput = output
-            self.trainJob = "threshold"
-            self.trainLog(f"started: {' '.join(self.trainProcess.command)}")
-            self.ui.trainStatusLabel.setText("Scoring the healthy CTs...")
-            self.timer.start()
-            self.updateButtons()
+            self.followTrainJob("threshold", self.logic.startSiteThreshold(p, overwrite=exists),
+                                output, "Scoring the healthy CTs...")
+
+    def followTrainJob(self, job, process, output, status):
+        """The Training tab's one background job (training or threshold) and what it writes,
+        followed by the timer."""
+        self.trainProcess, self.trainOutput, self.trainJob = process, output, job
+        self.trainLog(f"started: {' '.join(process.command)}")
+        self.ui.trainStatusLabel.setText(status)
+        self.timer.start()
+        self.updateButtons()
 
     def onCancelTraining(self):
         if self.trainProcess is not None:
@@ -927,8 +933,9 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
     as a ctest, and by Reload and Test): the result nodes, titles and terminology without
     torch; then, where PyTorch and the library's packages are installed, a tiny untrained
     model, in-process and background detection, exports and their reload, a short training
-    cancelled to a resumable last.pt, a site's threshold set in the background. It never installs anything: on a build machine without
-    torch those parts are skipped with the reason in the log."""
+    cancelled to a resumable last.pt, a site's threshold set in the background. It never
+    installs anything: on a build machine without torch those parts are skipped with the
+    reason in the log."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

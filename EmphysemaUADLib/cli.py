@@ -274,7 +274,7 @@ def _run_site_threshold(args) -> int:
     if Path(args.output).resolve() == Path(detector.model_path).resolve():
         raise InputError(f"{args.output} is the model itself; write the copy to another file.")
     result = site_threshold(args.healthy, detector, args.percentile, progress)
-    written = write_site_model(detector.model_path, args.output, result)
+    written = write_site_model(detector, args.output, result)
     for name, share in result.suspects:
         progress.log(f"{name}: {share:.2f} % of its lung lies above the threshold, as much "
                      "as in emphysema; if it is not healthy, leave it out and run again.",

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .batch import collect_cases
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .detection import Detector
 from .errors import InputError, setting_error
 from .inference import predict_ct
@@ -174,11 +174,9 @@ def site_threshold(inputs: list[str], detector: Detector,
     return SiteThreshold(threshold, percentile, scores, threshold != raw, refused)
 
 
-def write_site_model(model_path, output, result: SiteThreshold) -> Path:
-    """A copy of the model at `model_path` whose config carries the site's threshold (the
-    training state is left out: the copy is for detection, not for resuming)."""
-    checkpoint = load_checkpoint(model_path)
-    config = dict(checkpoint.config)
-    config["threshold"] = result.threshold
-    config["site_threshold"] = result.record(model_path)
-    return save_checkpoint(output, checkpoint.state_dict, config)
+def write_site_model(detector: Detector, output, result: SiteThreshold) -> Path:
+    """A copy of the detector's model (already loaded and checked) whose config carries the
+    site's threshold (no training state: the copy is for detection, not for resuming)."""
+    config = {**detector.config, "threshold": result.threshold,
+              "site_threshold": result.record(detector.model_path)}
+    return save_checkpoint(output, detector.model.state_dict(), config)
