@@ -505,6 +505,14 @@ def _add_validate(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="subject resamples for the 95 %% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--site-folds", type=int, metavar="K",
+                   help="score at a site threshold instead of the model's: the subjects are "
+                        "split into K folds and each image is scored at the threshold "
+                        "`site-threshold` sets from the normal images of the other folds, so "
+                        "no subject sets its own threshold")
+    p.add_argument("--percentile", type=float,
+                   help="with --site-folds: the percentile of the normal images' lung scores "
+                        "that becomes the threshold (default 99.9)")
     _add_progress(p)
     p.set_defaults(run=_run_validate)
 
@@ -515,7 +523,8 @@ def _run_validate(args) -> int:
 
     check_output_folder(args.output)
     report, written = validate(args.labels, args.output, args.model, args.results,
-                               args.device, args.bootstrap, args.seed, _progress(args))
+                               args.device, args.bootstrap, args.seed, _progress(args),
+                               args.site_folds, args.percentile)
     if args.progress != "json":
         print(summary_text(report))
     for path in written:

@@ -78,6 +78,12 @@ class HealthyScores:
         within = np.flatnonzero(above <= allowed)
         return within[0] / BINS if len(within) else 1.0  # the top bin alone holds too many
 
+    def subset(self, indices) -> "HealthyScores":
+        """The scans at these positions, pooled on their own."""
+        return HealthyScores([self.names[i] for i in indices],
+                             [self.counts[i] for i in indices],
+                             [self.noise_hu[i] for i in indices])
+
     def percent_above(self, threshold: float) -> list[float]:
         """Each scan's share of lung voxels at or above `threshold` (a bin edge), in %."""
         first = int(round(threshold * BINS))
@@ -127,6 +133,19 @@ def check_percentile(percentile: float) -> None:
                                           "leaves 0.1 % of healthy lung above the threshold.")
 
 
+def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS
+                ) -> tuple[np.ndarray, float | None]:
+    """The voxel scores of a scan's lungs and its lung noise (InputError: unreadable, or no
+    lung found)."""
+    ct = read_ct(path, progress)
+    lungs = segment_lungs(ct)
+    if not lungs.any():
+        raise InputError("no lung found; is this a chest CT?")
+    anomaly = predict_ct(ct, lungs, detector.model, detector.device, detector.batch_size,
+                         progress, detector.score)
+    return anomaly[lungs > 0], lung_noise_hu(ct.array, lungs, superior_axis(ct.geometry)[0])
+
+
 def healthy_scores(inputs: list[str], detector: Detector,
                    progress: Progress = NO_PROGRESS) -> tuple[HealthyScores, list]:
     """The voxel scores of the lungs of every healthy scan the inputs name, and the inputs
@@ -140,14 +159,7 @@ def healthy_scores(inputs: list[str], detector: Detector,
                        total=len(cases))
         if error is None:
             try:
-                ct = read_ct(path, progress)
-                lungs = segment_lungs(ct)
-                if not lungs.any():
-                    raise InputError(f"{name}: no lung found; is this a chest CT?")
-                anomaly = predict_ct(ct, lungs, detector.model, detector.device,
-                                     detector.batch_size, progress, detector.score)
-                noise = lung_noise_hu(ct.array, lungs, superior_axis(ct.geometry)[0])
-                scores.add(name, anomaly[lungs > 0], noise)
+                scores.add(name, *lung_scores(path, detector, progress))
                 continue
             except InputError as exc:
                 error = str(exc)
@@ -161,6 +173,13 @@ def site_threshold(inputs: list[str], detector: Detector,
                    progress: Progress = NO_PROGRESS) -> SiteThreshold:
     check_percentile(percentile)
     scores, refused = healthy_scores(inputs, detector, progress)
+    return threshold_of(scores, percentile, refused)
+
+
+def threshold_of(scores: HealthyScores, percentile: float,
+                 refused: list[tuple[str, str]] | None = None) -> SiteThreshold:
+    """The threshold at `percentile` of the pooled scores of healthy scans."""
+    refused = refused or []
     if not scores.names:
         raise InputError("no healthy scan could be used: "
                          + "; ".join(f"{name}: {why}" for name, why in refused[:3]))

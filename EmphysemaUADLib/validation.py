@@ -22,6 +22,11 @@ staged above None, the share of normal images staged None, and the stage agreeme
 intervals by a percentile bootstrap over subjects (metrics.cluster_bootstrap); a resample
 where a metric is undefined (a class missing) is left out of that metric's interval and the
 number used is reported.
+
+With site folds (`--site-folds K`, SiteFolds), every image is scored at the threshold
+`site-threshold` sets from the normal images of the other folds' subjects, not at the
+model's: how the model would do at a site that set its threshold from its own healthy scans,
+without any subject setting its own.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import csv
 import io
 import json
 import platform
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -251,7 +257,7 @@ def _detected(case: LabelledCase, detector, progress) -> dict:
     result = detect_case(ct, detector, progress=progress, warn=False)
     whole = _plain(result.measurements.whole.to_dict())
     return {**whole, "anomaly_score": result.anomaly_score, "lung_noise_hu": result.noise_hu,
-            **density_measures(ct.array, result.lungs > 0)}
+            "threshold": detector.threshold, **density_measures(ct.array, result.lungs > 0)}
 
 
 def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dict]:
@@ -289,21 +295,26 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     if lungs is None:
         lungs = segment_lungs(ct) > 0
     return {**whole, "anomaly_score": anomaly_score,
-            "lung_noise_hu": report.get("lung_noise_hu"),
+            "lung_noise_hu": report.get("lung_noise_hu"), "threshold": report.get("threshold"),
             **density_measures(ct.array, lungs)}, report
 
 
-def score_cases(labels: Labels, detector=None, results=None, progress: Progress = NO_PROGRESS
-                ) -> tuple[list[dict], dict]:
+def score_cases(labels: Labels, detector=None, results=None, progress: Progress = NO_PROGRESS,
+                folds: "SiteFolds | None" = None) -> tuple[list[dict], dict]:
     """Measurements of every case (in CSV order) and a description of the model: run
-    `detector` on each image, or read the `detect` results folder `results`."""
+    `detector` on each image (at the threshold of its subject's fold, with `folds`), or read
+    the `detect` results folder `results`."""
     measured, model = [], None
     total = len(labels.cases)
     for number, case in enumerate(labels.cases, 1):
         progress.event("case", f"{number}/{total} {case.name}", case=case.name,
                        index=number, total=total)
         try:
-            if results is None:
+            if folds is not None:
+                fold = folds.fold[case.subject]
+                m = _detected(case, replace(detector, threshold=folds.thresholds[fold]),
+                              progress) | {"site_fold": fold + 1}
+            elif results is None:
                 m = _detected(case, detector, progress)
             else:
                 m, report = _from_results(case, Path(results), progress)
@@ -333,7 +344,78 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
         model = {"path": detector.model_path, "config": detector.config,
                  "threshold": detector.threshold, "staging": detector.staging.to_dict(),
                  "device": str(detector.device)}
+        if folds is not None:
+            model |= {"threshold": None, "site_folds": folds.record}
     return measured, model
+
+
+# --- site threshold folds --------------------------------------------------------------------
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def subject_folds(subjects, folds: int) -> dict[str, int]:
+    """Fold (0-based) of each subject: subjects in natural order (subject2 before subject10)
+    dealt round-robin, so the folds are balanced and the split is the same on every run."""
+    return {s: i % folds for i, s in enumerate(sorted(set(subjects), key=_natural))}
+
+
+@dataclass
+class SiteFolds:
+    """Each fold's threshold, set as `site-threshold` sets one, from the normal images of
+    the other folds' subjects: every image is scored at a threshold its subject never set."""
+
+    fold: dict[str, int]  # subject -> fold
+    thresholds: list[float]
+    record: dict  # for the report
+
+
+def site_folds(labels: Labels, detector, folds: int, percentile: float,
+               progress: Progress = NO_PROGRESS) -> SiteFolds:
+    from .site_threshold import HealthyScores, check_percentile, lung_scores, threshold_of
+
+    check_percentile(percentile)
+    if folds < 2:
+        raise InputError(f"--site-folds must be 2 or more (got {folds}).")
+    if folds > len(labels.subjects):
+        raise InputError(f"--site-folds {folds} needs at least {folds} subjects; "
+                         f"{labels.path} has {len(labels.subjects)}.")
+    fold = subject_folds(labels.subjects, folds)
+    normals = [c for c in labels.cases if not c.emphysema]
+    progress.event("site_folds", f"site threshold folds: scoring the {len(normals)} normal "
+                   "images", images=len(normals), folds=folds)
+    scores = HealthyScores()
+    for number, case in enumerate(normals, 1):
+        progress.event("case", f"normal {number}/{len(normals)} {case.name}", case=case.name,
+                       index=number, total=len(normals))
+        try:
+            scores.add(case.name, *lung_scores(case.file, detector, progress))
+        except InputError as exc:
+            raise InputError(f"{labels.path} row {case.row} ({case.file.name}): {exc}"
+                             ) from None
+    thresholds, record = [], []
+    for k in range(folds):
+        others = [i for i, c in enumerate(normals) if fold[c.subject] != k]
+        where = f"the threshold of fold {k + 1} (from the other folds' normal images)"
+        if not others:
+            raise InputError(f"{where}: those subjects have no normal image; use fewer folds "
+                             "or add normal images.")
+        try:
+            result = threshold_of(scores.subset(others), percentile)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        thresholds.append(result.threshold)
+        record.append({"fold": k + 1,
+                       "subjects": sum(f == k for f in fold.values()),
+                       "images": sum(fold[c.subject] == k for c in labels.cases),
+                       "threshold": result.threshold, "normal_images_used": len(others),
+                       "clipped": bool(result.clipped)})
+        progress.log(f"fold {k + 1}: threshold {result.threshold:.4f} from {len(others)} "
+                     "normal images of the other folds")
+    return SiteFolds(fold, thresholds, {
+        "folds": folds, "percentile": percentile,
+        "split": "subjects in natural order, dealt round-robin",
+        "thresholds": record})
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -505,7 +587,7 @@ def markdown(report: dict) -> str:
     model = report["model"] or {}
     lines = [f"# Validation on {Path(report['labels']).name}", "",
              f"{len(cases)} images of {boot['subjects']} subjects (labels: {labels}); model "
-             f"`{Path(str(model.get('path'))).name}` (threshold {model.get('threshold')}); "
+             f"`{Path(str(model.get('path'))).name}` ({threshold_text(model)}); "
              f"EmphysemaUAD {report['software']['version']}.",
              "95 % intervals: percentile bootstrap over subjects, "
              f"{boot['resamples']} resamples (seed {boot['seed']})." if boot["resamples"]
@@ -546,7 +628,32 @@ def markdown(report: dict) -> str:
                   "|---" * (len(c["stages"]) + 1) + "|"]
         lines += [f"| {stage} | " + " | ".join(str(n) for n in counts) + " |"
                   for stage, counts in zip(c["stages"], c["counts"])]
+    if model.get("site_folds"):
+        lines += _folds_table(model["site_folds"])
     return "\n".join(lines) + "\n"
+
+
+def threshold_text(model: dict) -> str:
+    """The voxel threshold the report's images were scored at, in words."""
+    folds = model.get("site_folds")
+    if not folds:
+        return f"threshold {model.get('threshold')}"
+    values = [f["threshold"] for f in folds["thresholds"]]
+    return (f"site thresholds {min(values):.4f}-{max(values):.4f}: each image scored at the "
+            f"{folds['percentile']:g}th percentile of the normal images of the other folds' "
+            f"subjects ({folds['folds']} folds)")
+
+
+def _folds_table(folds: dict) -> list[str]:
+    lines = ["", "## Site threshold folds", "",
+             f"Subjects split into {folds['folds']} folds ({folds['split']}); each fold's "
+             f"threshold is the {folds['percentile']:g}th percentile of the lung scores of the "
+             "other folds' normal images, as `site-threshold` sets it.", "",
+             "| fold | subjects | images | threshold | from normal images |", "|---|---|---|---|---|"]
+    lines += [f"| {f['fold']} | {f['subjects']} | {f['images']} | {f['threshold']:.4f}"
+              f"{' (clipped)' if f['clipped'] else ''} | {f['normal_images_used']} |"
+              for f in folds["thresholds"]]
+    return lines
 
 
 def summary_text(report: dict) -> str:
@@ -559,6 +666,8 @@ def summary_text(report: dict) -> str:
             f"{_cell(row['values'][s['key']]):>21}" for s in result["scores"]))
     for row in result["staging"]["metrics"]:
         lines.append(f"model {row['label']}: {row['count']}/{row['of']} = {_cell(row)}")
+    if (report["model"] or {}).get("site_folds"):
+        lines.append(threshold_text(report["model"]))
     return "\n".join(lines)
 
 
@@ -576,7 +685,9 @@ def case_rows(labels: Labels, measured: list[dict]) -> list[dict]:
                      "laa910_percent": m.get("laa910_percent"),
                      "perc15_hu": m.get("perc15_hu"),
                      "mean_anomaly": m.get("mean_anomaly"),
-                     "lung_noise_hu": m.get("lung_noise_hu")})
+                     "lung_noise_hu": m.get("lung_noise_hu"),
+                     "threshold": m.get("threshold"),
+                     **({"site_fold": m["site_fold"]} if "site_fold" in m else {})})
     return rows
 
 
@@ -660,15 +771,23 @@ def write_outputs(report: dict, output_dir) -> list[Path]:
 
 # --- the command ------------------------------------------------------------------------
 def validate(labels_path, output_dir, model=None, results=None, device="auto",
-             n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, progress: Progress = NO_PROGRESS
+             n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, progress: Progress = NO_PROGRESS,
+             site_folds_n: int | None = None, percentile: float | None = None
              ) -> tuple[dict, list[Path]]:
-    """Everything `emphysema-uad validate` does: read and check the CSV, score every image,
-    compute the metrics, write the outputs. Nothing is written when anything fails first."""
+    """Everything `emphysema-uad validate` does: read and check the CSV, score every image
+    (with `site_folds_n`, at the site threshold of its subject's fold: SiteFolds), compute
+    the metrics, write the outputs. Nothing is written when anything fails first."""
     if n_boot < 0:
         raise InputError(f"--bootstrap must be 0 (no intervals) or more (got {n_boot}).")
     if results is not None and model is not None:
         raise InputError("--model and --results exclude each other: the results folder "
                          "already holds the model's output.")
+    if results is not None and site_folds_n is not None:
+        raise InputError("--site-folds and --results exclude each other: the folds' "
+                         "thresholds need the network's scores, which a results folder "
+                         "holds already thresholded.")
+    if percentile is not None and site_folds_n is None:
+        raise InputError("--percentile sets the threshold of --site-folds; give both.")
     if results is not None and not Path(results).is_dir():
         raise InputError(f"{results}: no such detect results folder.")
     labels = read_labels(labels_path)
@@ -679,7 +798,13 @@ def validate(labels_path, output_dir, model=None, results=None, device="auto",
     if results is None:
         from .detection import Detector
         detector = Detector.load(model, device)
-    measured, model_info = score_cases(labels, detector, results, progress)
+    folds = None
+    if site_folds_n is not None:
+        from .site_threshold import DEFAULT_PERCENTILE
+
+        folds = site_folds(labels, detector, site_folds_n,
+                           DEFAULT_PERCENTILE if percentile is None else percentile, progress)
+    measured, model_info = score_cases(labels, detector, results, progress, folds)
     result = compute_metrics(labels, measured, n_boot, seed, progress)
     import torch
 

@@ -414,3 +414,100 @@ def test_real_hrct_slices_get_every_metric(tmp_path):
     md = (out / "report.md").read_text()
     assert "| AUROC normal vs panlobular (31 vs 3) |" in md
     assert (out / "scores_by_severity.png").stat().st_size > 10_000
+
+
+# --- site threshold folds ----------------------------------------------------------------------
+def test_subjects_are_dealt_into_folds_in_natural_order():
+    assert v.subject_folds(["s10", "s2", "s1", "s2"], 2) == {"s1": 0, "s2": 1, "s10": 0}
+    assert v.subject_folds(["b", "a", "c"], 3) == {"a": 0, "b": 1, "c": 2}
+
+
+def test_site_folds_score_each_image_at_a_threshold_its_subject_never_set(cohort, tmp_path,
+                                                                          one_thread):
+    """Three subjects, three folds: each fold's threshold is the percentile of the other two
+    subjects' normal images, worked out here from their lung scores; every image's EI is the
+    share of its own lung above its fold's threshold."""
+    from EmphysemaUADLib.detection import Detector
+    from EmphysemaUADLib.site_threshold import HealthyScores, lung_scores
+
+    labels, model = cohort
+    out = tmp_path / "folds"
+    assert main(["validate", str(labels), "-o", str(out), "--model", str(model), "--device",
+                 "cpu", "--progress", "none", "--bootstrap", "0", "--site-folds", "3",
+                 "--percentile", "90"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    folds = report["model"]["site_folds"]
+    assert report["model"]["threshold"] is None
+    assert folds["folds"] == 3 and folds["percentile"] == 90
+    detector = Detector.load(model, "cpu")
+    images = sorted((labels.parent / "images").glob("case*.nii.gz"))
+    scores = [lung_scores(path, detector)[0] for path in images]
+    expected = []
+    for k in range(3):  # subject k holds case 2k (normal) and case 2k + 1
+        pooled = HealthyScores()
+        for other in {0, 1, 2} - {k}:
+            pooled.add(f"case{2 * other}", scores[2 * other])
+        expected.append(pooled.threshold(90))
+    assert [f["threshold"] for f in folds["thresholds"]] == pytest.approx(expected)
+    assert [f["normal_images_used"] for f in folds["thresholds"]] == [2, 2, 2]
+    cases = list(csv.DictReader((out / "cases.csv").open()))
+    for k, case in enumerate(cases):
+        assert int(case["site_fold"]) == k // 2 + 1
+        assert float(case["threshold"]) == pytest.approx(expected[k // 2])
+        share = 100.0 * np.mean(scores[k] > expected[k // 2])
+        assert float(case["emphysema_index_percent"]) == pytest.approx(share, abs=0.01)
+    md = (out / "report.md").read_text()
+    assert "## Site threshold folds" in md and "| 1 | 1 | 2 |" in md
+    assert "90th percentile of the normal images of the other folds' subjects" in md
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--site-folds", "1"], "2 or more"),
+    (["--site-folds", "4"], "needs at least 4 subjects"),
+    (["--percentile", "99"], "give both"),
+    (["--site-folds", "2", "--percentile", "100"], "percentile"),
+    (["--site-folds", "3"], "too few for the 99.9th percentile"),
+])
+def test_bad_site_folds_exit_2_and_write_nothing(cohort, tmp_path, capsys, extra, words):
+    labels, model = cohort
+    assert main(["validate", str(labels), "-o", str(tmp_path / "out"), "--model", str(model),
+                 "--device", "cpu", "--progress", "none", *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_site_folds_refuse_a_fold_without_normal_images_elsewhere(cohort, tmp_path, capsys):
+    labels, model = cohort
+    images = labels.parent / "images"
+    path = write_csv(tmp_path, "file,subject,pattern\n"
+                               f"{images}/case0.nii.gz,s1,normal\n"
+                               f"{images}/case1.nii.gz,s1,paraseptal\n"
+                               f"{images}/case3.nii.gz,s2,centrilobular\n")
+    assert main(["validate", str(path), "-o", str(tmp_path / "out"), "--model", str(model),
+                 "--device", "cpu", "--progress", "none", "--site-folds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "fold 1" in err and "no normal image" in err
+    assert main(["validate", str(labels), "-o", str(tmp_path / "out"), "--results",
+                 str(tmp_path), "--site-folds", "2"]) == 2
+    assert "--site-folds and --results exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # the 31 normal slices twice, the others once: about 20 s on 2 idle cores
+@requires_hrct
+def test_real_hrct_site_folds_set_each_fold_a_threshold_from_the_others(tmp_path):
+    out = tmp_path / "folds"
+    assert main(["validate", str(HRCT_LABELS), "-o", str(out), "--device", "cpu",
+                 "--bootstrap", "0", "--progress", "none", "--site-folds", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    folds = report["model"]["site_folds"]["thresholds"]
+    assert [f["subjects"] for f in folds] == [10, 9]
+    assert sum(f["normal_images_used"] for f in folds) == 31
+    # the slices of one fold never set its threshold: each is scored at the other fold's
+    by_fold = {f["fold"]: f["threshold"] for f in folds}
+    subjects = {}
+    for case in report["cases"]:
+        assert case["threshold"] == by_fold[case["site_fold"]]
+        subjects.setdefault(case["subject"], set()).add(case["site_fold"])
+    assert all(len(f) == 1 for f in subjects.values())
