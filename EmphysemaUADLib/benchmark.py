@@ -154,7 +154,7 @@ def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
     return out
 
 
-def accelerated_run(ct, model, device: str, batch_size: int, throughput: dict = THROUGHPUT,
+def accelerated_run(ct, model, device: str, batch_size: int | None, throughput: dict = THROUGHPUT,
                     progress: Progress = NO_PROGRESS) -> dict:
     """The GPU part: detection after a warm-up run, the forward alone over the same slices and
     their ratios, then the throughput. Runs on any device, so CI exercises it on the CPU."""
@@ -174,7 +174,7 @@ def accelerated_run(ct, model, device: str, batch_size: int, throughput: dict = 
             "peak_ram_mb": peak_ram_mb()}
 
 
-def run_benchmark(model=None, ct_path=None, batch_size: int = 8,
+def run_benchmark(model=None, ct_path=None, batch_size: int | None = None,
                   progress: Progress = NO_PROGRESS) -> dict:
     ct, read_s, source = load_input(ct_path, progress)
     results = {"input": source, "machine": machine_info(), "read_s": read_s}

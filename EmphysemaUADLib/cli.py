@@ -185,7 +185,8 @@ def _add_device(p, batch: bool = False) -> None:
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto: the GPU when PyTorch sees one, else the CPU")
     if batch:
-        p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+        p.add_argument("--batch-size", type=int,
+                       help="slices per network batch (default: 1 on the CPU, 8 on a GPU)")
 
 
 def _run_detect(args) -> int:
@@ -454,7 +455,8 @@ def _add_benchmark(sub) -> None:
                                    "there), on the CPU and, where PyTorch sees one, the GPU.")
     p.add_argument("--ct", help="CT file or DICOM folder to time (default: the shared real CT)")
     p.add_argument("--model", help="checkpoint (default: the bundled model)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch")
+    p.add_argument("--batch-size", type=int,
+                   help="slices per network batch (default: 1 on the CPU, 8 on a GPU)")
     _add_output(p, "also write benchmark.md, benchmark.json and benchmark.png here "
                    "(default: print only)", required=False, folder=True)
     p.set_defaults(run=_run_benchmark)

@@ -29,6 +29,17 @@ from .staging import Staging
 from .volume_io import Volume
 
 
+# Slices per network batch. On the CPU one slice at a time is fastest: a batch of 512 x 512
+# slices needs hundreds of MB of activations per layer, allocated afresh for every batch.
+# Detection after the lungs, 2 cores (scripts/bench_cpu_batch.py): the real thorax CT 21.6 s
+# at 8, 10.3 s at 1; 282 slices of 1 mm, 36.2 s and 25.1 s. A GPU wants larger batches.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 8
+
+
+def default_batch_size(device: torch.device) -> int:
+    return CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
+
+
 @dataclass
 class Detector:
     """A loaded model with the settings that turn its map into labels and stages."""
@@ -39,11 +50,11 @@ class Detector:
     device: torch.device
     threshold: float
     staging: Staging
-    batch_size: int = 8
+    batch_size: int
 
     @classmethod
     def load(cls, model_path=None, device="auto", threshold=None, staging=None,
-             batch_size=8) -> "Detector":
+             batch_size=None) -> "Detector":
         path = model_file(model_path) if model_path else default_model_path()
         dev = choose_device(device)
         model, config = load_model(path, device=dev)
@@ -51,6 +62,8 @@ class Detector:
             threshold = float(config.get("threshold", DEFAULT_THRESHOLD))
         if not 0.0 < threshold < 1.0:
             raise setting_error("threshold", f"must lie between 0 and 1 (got {threshold}).")
+        if batch_size is None:
+            batch_size = default_batch_size(dev)
         if batch_size < 1:
             raise setting_error("batch_size", f"must be at least 1 (got {batch_size}).")
         return cls(model, config, str(path), dev, threshold,

@@ -218,7 +218,8 @@ def _check_baseline(name: str, detector: Detector) -> None:
                          f"... {variant.flag}`.", "baseline_model")
 
 
-def build_methods(model=None, baselines=None, device: str = "auto", batch_size: int = 8):
+def build_methods(model=None, baselines=None, device: str = "auto",
+                  batch_size: int | None = None):
     """(methods in table order, {baseline name: why it is skipped})."""
     paths = parse_baselines(baselines)
     main = Detector.load(model, device, batch_size=batch_size)

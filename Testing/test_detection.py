@@ -49,6 +49,17 @@ def test_the_bundled_model_loads():
     assert default_model_path().is_file()
     assert detector.config["model"]["architecture"] == "EDLNet"
     assert 0 < detector.threshold < 1
+    # one slice per batch on the CPU (fastest there: scripts/bench_cpu_batch.py), unless set
+    assert detector.batch_size == 1
+    assert Detector.load(device="cpu", batch_size=4).batch_size == 4
+
+
+def test_the_batch_size_does_not_change_the_map(severe, severe_result, detector):
+    import dataclasses
+
+    again = detect_case(severe.ct, dataclasses.replace(detector, batch_size=5))
+    np.testing.assert_allclose(again.anomaly, severe_result.anomaly, atol=1e-5)
+    assert np.array_equal(again.emphysema, severe_result.emphysema)
 
 
 def test_severe_phantom_is_staged_above_none_with_the_right_zones_worst(severe, severe_result):
