@@ -150,7 +150,8 @@ edges raise the emphysema index of a healthy scan.{_healthy(healthy)} Its thresh
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),
 or fine-tune the model on them (`emphysema-uad train --init-from bundled`), and check it on
-labelled cases of your own with `emphysema-uad validate`. Not a medical device; for research.
+labelled cases of your own with `emphysema-uad validate` (`--site-folds 2`: at thresholds set
+from their normal cases, no subject setting its own). Not a medical device; for research.
 """
 
 
