@@ -728,6 +728,9 @@ def score_chart(report: dict):
         same = np.flatnonzero(x == value)
         jitter[same] = np.linspace(-0.25, 0.25, len(same)) if len(same) > 1 else 0.0
     scores = report["metrics"]["scores"]
+    model = report["model"] or {}
+    ei_note = ("at the folds' site thresholds" if model.get("site_folds")
+               else f"at threshold {model.get('threshold')}")
     fig, axes = new_figure(3.0 * len(scores), 3.6, panels=len(scores))
     for ax, score in zip(axes, scores):
         key = score["key"]
@@ -744,8 +747,8 @@ def score_chart(report: dict):
                    for v in levels]
         ax.plot(levels, medians, color="black", linewidth=1.5, label="median")
         unit = f" ({score['unit']})" if score.get("unit") else ""
-        ax.set_title(f"{score['label']}{unit}" + ("\nlower = more" if raw else ""),
-                     fontsize=9)
+        ax.set_title(f"{score['label']}{unit}" + ("\nlower = more" if raw else "")
+                     + (f"\n{ei_note}" if key == "model_ei" else ""), fontsize=9)
         ax.set_xticks([v for v, _ in ticks], [label for _, label in ticks])
         ax.set_xlim(ticks[0][0] - 0.5, ticks[-1][0] + 0.5)
         ax.set_xlabel(x_label)
