@@ -29,10 +29,9 @@ from .staging import Staging
 from .volume_io import Volume
 
 
-# Slices per network batch. On the CPU one slice at a time is fastest: a batch of 512 x 512
-# slices needs hundreds of MB of activations per layer, allocated afresh for every batch.
-# Detection after the lungs, 2 cores (scripts/bench_cpu_batch.py): the real thorax CT 21.6 s
-# at 8, 10.3 s at 1; 282 slices of 1 mm, 36.2 s and 25.1 s. A GPU wants larger batches.
+# Slices per network batch. On the CPU one slice at a time is fastest (with channels-last
+# tensors, inference.py): the forward over the real thorax CT's 122 lung-box slices took
+# 9.9 s at batch 8 and 7.8 s at 1 on 2 cores (scripts/bench_cpu_network.py). GPUs want more.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 8
 
 

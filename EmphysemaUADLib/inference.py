@@ -77,18 +77,16 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
     if box is None:
         return anomaly
     zs, ys, xs = box
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels-last convolutions are faster on GPUs and on the CPU (oneDNN) alike
+    model = model.to(device, memory_format=torch.channels_last).eval()
     total = zs.stop - zs.start
     done = 0
     with torch.inference_mode():
         while done < total:
             chunk = slice(zs.start + done, min(zs.start + done + batch_size, zs.stop))
             batch, top, left = pad_to_multiple(hu[chunk, ys, xs].astype(np.float32))
-            x = torch.from_numpy(hu_to_unit(batch)[:, None]).to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = torch.from_numpy(hu_to_unit(batch)[:, None]).to(device).contiguous(
+                memory_format=torch.channels_last)
             try:
                 prob = score_batch(model, x, score)
             except torch.OutOfMemoryError:

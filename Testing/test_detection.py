@@ -49,7 +49,7 @@ def test_the_bundled_model_loads():
     assert default_model_path().is_file()
     assert detector.config["model"]["architecture"] == "EDLNet"
     assert 0 < detector.threshold < 1
-    # one slice per batch on the CPU (fastest there: scripts/bench_cpu_batch.py), unless set
+    # one slice per batch on the CPU (fastest there: scripts/bench_cpu_network.py), unless set
     assert detector.batch_size == 1
     assert Detector.load(device="cpu", batch_size=4).batch_size == 4
 
