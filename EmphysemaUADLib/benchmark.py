@@ -23,8 +23,7 @@ import torch
 
 from .detection import Detector, detect_case
 from .devices import machine_info
-from .inference import lung_box, pad_to_multiple
-from .intensity import hu_to_unit
+from .inference import lung_box, network_input, pad_to_multiple
 from .progress import NO_PROGRESS, Progress
 from .volume_io import read_ct
 
@@ -90,9 +89,7 @@ def forward_time(ct, lungs, detector: Detector) -> float:
     for first in range(zs.start, zs.stop, size):
         padded, _, _ = pad_to_multiple(ct.array[first:min(first + size, zs.stop), ys, xs]
                                        .astype(np.float32))
-        x = torch.from_numpy(hu_to_unit(padded)[:, None]).to(device)
-        batches.append(x.contiguous(memory_format=torch.channels_last)
-                       if device.type == "cuda" else x)
+        batches.append(network_input(padded, device))
     model = detector.model
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=device.type == "cuda"):

@@ -55,6 +55,13 @@ def pad_to_multiple(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
     return batch_hu, ph // 2, pw // 2
 
 
+def network_input(batch_hu: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A padded batch of slices (n, H, W) in HU as the network takes it: (n, 1, H, W) in
+    [0, 1] units, channels-last (faster convolutions on GPUs and on the CPU alike)."""
+    return torch.from_numpy(hu_to_unit(batch_hu)[:, None]).to(device).contiguous(
+        memory_format=torch.channels_last)
+
+
 def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
     """Voxel scores (float32, like x) of a batch x (n, 1, H, W) in [0, 1] units."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
@@ -77,16 +84,14 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
     if box is None:
         return anomaly
     zs, ys, xs = box
-    # channels-last convolutions are faster on GPUs and on the CPU (oneDNN) alike
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()  # as network_input
     total = zs.stop - zs.start
     done = 0
     with torch.inference_mode():
         while done < total:
             chunk = slice(zs.start + done, min(zs.start + done + batch_size, zs.stop))
             batch, top, left = pad_to_multiple(hu[chunk, ys, xs].astype(np.float32))
-            x = torch.from_numpy(hu_to_unit(batch)[:, None]).to(device).contiguous(
-                memory_format=torch.channels_last)
+            x = network_input(batch, device)
             try:
                 prob = score_batch(model, x, score)
             except torch.OutOfMemoryError:

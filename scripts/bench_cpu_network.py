@@ -63,13 +63,15 @@ timed = {(b, name): best_of(forward(b, layout)) for b in (8, 1)
 for (batch, name), seconds in timed.items():
     print(f"forward, batch {batch}, {name:13s} {seconds:6.1f} s  "
           f"x{timed[8, 'contiguous'] / seconds:.2f}")
-results = {}
+seconds, maps = {}, {}
 for batch in (8, detector.batch_size):
     run = dataclasses.replace(detector, batch_size=batch)
-    results[batch] = best_of(lambda: results.setdefault(
-        f"map{batch}", detect_case(ct, run, lungs=lungs, warn=False).emphysema))
-same = np.array_equal(results["map8"], results[f"map{detector.batch_size}"])
-print(f"detect_case, batch 8: {results[8]:.1f} s; as detect runs it (batch "
-      f"{detector.batch_size}): {results[detector.batch_size]:.1f} s, "
-      f"x{results[8] / results[detector.batch_size]:.2f}; label maps "
+
+    def detect():
+        maps[batch] = detect_case(ct, run, lungs=lungs, warn=False).emphysema
+    seconds[batch] = best_of(detect)
+same = np.array_equal(maps[8], maps[detector.batch_size])
+print(f"detect_case, batch 8: {seconds[8]:.1f} s; as detect runs it (batch "
+      f"{detector.batch_size}): {seconds[detector.batch_size]:.1f} s, "
+      f"x{seconds[8] / seconds[detector.batch_size]:.2f}; label maps "
       f"{'identical' if same else 'DIFFER'}")
