@@ -23,7 +23,8 @@ import torch
 
 from .detection import Detector, detect_case
 from .devices import machine_info
-from .inference import lung_box, network_input, pad_to_multiple
+from .inference import (bfloat16_inference, lung_box, network_input, pad_to_multiple,
+                        precision)
 from .progress import NO_PROGRESS, Progress
 from .volume_io import read_ct
 
@@ -92,7 +93,7 @@ def forward_time(ct, lungs, detector: Detector) -> float:
         batches.append(network_input(padded, device))
     model = detector.model
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=device.type == "cuda"):
+                                                enabled=bfloat16_inference(device)):
         model(batches[0])  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -116,7 +117,8 @@ def _peak_mb(device: torch.device) -> float | None:
 
 def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
                        size: int = THROUGHPUT["size"], batch: int = THROUGHPUT["batch"]) -> dict:
-    """Slices/s of a fresh EDLNet (bf16 on CUDA): inference and training steps."""
+    """Slices/s of a fresh EDLNet (inference in bf16 where detection uses it; training steps
+    in bf16 on CUDA): inference and training steps."""
     from .network import EDLNet
     from .training import train_step
 
@@ -128,7 +130,8 @@ def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
     out = {"width": width, "size": size, "batch": batch}
     _reset_peak(device)
     model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=bfloat16_inference(device)):
         for step in range(WARMUP_STEPS + TIMED_STEPS):
             if step == WARMUP_STEPS:
                 _sync(device)
@@ -167,7 +170,8 @@ def accelerated_run(ct, model, device: str, batch_size: int | None, throughput: 
     return {"steps_s": steps, "slices": run["slices"], "forward_s": round(forward, 4),
             "end_to_end_over_forward": round(steps["total"] / forward, 2),
             "network_step_over_forward": round(steps["network"] / forward, 2),
-            "peak_gpu_mb": peak, "throughput": network_throughput(device, **throughput),
+            "peak_gpu_mb": peak, "precision": precision(device),
+            "throughput": network_throughput(device, **throughput),
             "peak_ram_mb": peak_ram_mb()}
 
 
@@ -181,7 +185,7 @@ def run_benchmark(model=None, ct_path=None, batch_size: int | None = None,
     run = time_detection(ct, cpu)
     results["cpu"] = {"steps_s": run["steps_s"], "slices": run["slices"],
                       "slices_per_s_network": round(run["slices"] / run["steps_s"]["network"], 2),
-                      "peak_ram_mb": peak_ram_mb()}
+                      "precision": precision(cpu.device), "peak_ram_mb": peak_ram_mb()}
     if torch.cuda.is_available():
         results["gpu"] = accelerated_run(ct, model, "cuda", batch_size, progress=progress)
     return results
@@ -206,7 +210,7 @@ def markdown(results: dict) -> str:
     ram = [_mb(r["peak_ram_mb"]) for r in (cpu, gpu) if r]
     lines.append("| peak RAM (MB, process) | " + " | ".join(ram) + " |")
     lines += ["", f"{cpu['slices']} lung slices; CPU network {cpu['slices_per_s_network']} "
-              "slices/s."]
+              f"slices/s in {cpu['precision']}."]
     if gpu:
         t = gpu["throughput"]
         lines += [f"GPU: network forward alone {gpu['forward_s']:.3f} s; end-to-end / forward "

@@ -85,7 +85,8 @@ def describe(device: str = "auto", gpus: list[Gpu] | None = None,
     """One line saying what `device` will run on. `gpus` (from `nvidia_gpus()`) and `cuda`
     (from `torch_sees_cuda()`) are looked up when not given."""
     if device == "cpu":
-        return "CPU (chosen): detection takes minutes per CT, training is very slow."
+        return ("CPU (chosen): detection takes up to about a minute per CT, training is "
+                "very slow.")
     cuda = torch_sees_cuda() if cuda is None else cuda
     gpus = nvidia_gpus() if gpus is None else gpus
     if cuda is None:
@@ -101,7 +102,8 @@ def describe(device: str = "auto", gpus: list[Gpu] | None = None,
                 "with the PyTorch Utils module.")
     if device == "cuda":
         return "No CUDA GPU visible to PyTorch: 'cuda' will fail; choose auto or cpu."
-    return "No CUDA GPU visible to PyTorch: runs on the CPU (minutes per CT)."
+    return ("No CUDA GPU visible to PyTorch: runs on the CPU (up to about a minute per "
+            "CT).")
 
 
 def choose_device(name: str = "auto"):

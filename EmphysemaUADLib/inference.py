@@ -15,6 +15,8 @@ residual |input - reconstruction| in the network's [0, 1] intensity units (1 = 1
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -32,6 +34,7 @@ SCORES = ("anomaly", "residual")
 # and was checked on have 0.78-0.98 mm pixels; at its own 1.56 mm grid (a real slice binned
 # 2 x 2) severe emphysema went unseen, and resampled back to 1.0 mm it was found again.
 PIXEL_RANGE_MM = (0.7, 1.0)
+FLOAT32_ENV = "EMPHYSEMA_UAD_FLOAT32"
 
 
 def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice, slice] | None:
@@ -62,9 +65,29 @@ def network_input(batch_hu: np.ndarray, device: torch.device) -> torch.Tensor:
         memory_format=torch.channels_last)
 
 
+def bfloat16_inference(device: torch.device) -> bool:
+    """Whether the network runs in bfloat16 on `device`: on GPUs, and on CPUs with native
+    bfloat16 arithmetic (AVX512-BF16 or AMX), where it is three times faster than float32
+    (0.03 against 0.10 s a slice on 2 Xeon cores) and moves probabilities by about 0.001.
+    Elsewhere bfloat16 is emulated and slower, so float32. FLOAT32_ENV=1 asks for float32
+    everywhere (the same maps on every machine, bit for bit, at the CPU's float32 speed)."""
+    if os.environ.get(FLOAT32_ENV, "") not in ("", "0") or device.type not in ("cuda", "cpu"):
+        return False
+    if device.type == "cuda":
+        return True
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported and torch.backends.mkldnn.is_available() and supported())
+
+
+def precision(device: torch.device) -> str:
+    """The network's arithmetic on `device`, as reports name it."""
+    return "bfloat16" if bfloat16_inference(device) else "float32"
+
+
 def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
     """Voxel scores (float32, like x) of a batch x (n, 1, H, W) in [0, 1] units."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                        enabled=bfloat16_inference(x.device)):
         recon, logit = model(x)
     if score == "residual":
         return (x.float() - recon.float()).abs()

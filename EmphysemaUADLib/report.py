@@ -14,6 +14,7 @@ import torch
 from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
 from .detection import CaseResult, Detector
+from .inference import precision
 from .measurements import COMPLETE, NOISE_WARN_HU, NOT_IN_SCAN, SUMMARY_KEYS, noisy
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
@@ -140,6 +141,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
                      "python": platform.python_version(), "torch": torch.__version__},
         "model": {"path": detector.model_path, "config": detector.config},
         "device": str(detector.device),
+        "precision": precision(detector.device),
         "threshold": detector.threshold,
         "staging": detector.staging.to_dict(),
         "geometry": {"size_xyz": list(result.ct.shape[::-1]),

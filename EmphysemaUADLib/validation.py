@@ -341,9 +341,11 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
                      "lung_noise_hu in cases.csv): noise can be flagged as emphysema, so their "
                      "scores are less reliable.", "warning")
     if detector is not None:
+        from .inference import precision  # torch: only where a detector ran
+
         model = {"path": detector.model_path, "config": detector.config,
                  "threshold": detector.threshold, "staging": detector.staging.to_dict(),
-                 "device": str(detector.device)}
+                 "device": str(detector.device), "precision": precision(detector.device)}
         if folds is not None:
             model |= {"threshold": None, "site_folds": folds.record}
     return measured, model

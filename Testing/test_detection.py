@@ -124,6 +124,7 @@ def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe)
     assert anomaly.dtype == np.float32 and 0 <= anomaly.min() and anomaly.max() <= 1
     report = json.loads((folder / "report.json").read_text())
     assert report["region_kind"] == "zones"
+    assert report["device"] == "cpu" and report["precision"] in ("bfloat16", "float32")
     assert {r["region"] for r in report["regions"]} >= {"whole lung", *ZONE_NAMES}
     assert set(report["timings_s"]) >= {"read", "lungs", "network", "measurements"}
     assert (folder / "overlay.png").stat().st_size > 10_000

@@ -200,6 +200,8 @@ def test_cpu_benchmark_times_every_step(models, tmp_path):
     assert {"lungs", "regions", "network", "measurements", "write", "total"} <= set(steps)
     assert steps["total"] >= steps["network"] > 0 and results["cpu"]["peak_ram_mb"] > 0
     assert results["cpu"]["slices"] > 0
+    assert results["cpu"]["precision"] in ("bfloat16", "float32")
+    assert f"slices/s in {results['cpu']['precision']}" in stdout
     assert "| network |" in stdout and ("GPU part skipped" in stdout) != ("gpu" in results)
     code, _, err = run_cli(["benchmark", "--ct", tmp_path / "missing.nii.gz",
                             "--model", models["model"]])

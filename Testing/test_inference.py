@@ -74,3 +74,40 @@ def test_pixels_outside_the_range_are_resampled_and_the_map_comes_back_on_the_ct
         # where the CT is dark (air-like lesions) the stand-in network flags it, on any grid
         dark = (ct.array < -950) & (lungs > 0)
         assert scores[dark].mean() > scores[(lungs > 0) & ~dark].mean()
+
+
+def test_bfloat16_runs_where_it_is_native_and_float32_can_be_asked_for(monkeypatch):
+    from EmphysemaUADLib import inference
+
+    monkeypatch.delenv(inference.FLOAT32_ENV, raising=False)
+    assert inference.bfloat16_inference(torch.device("cuda"))
+    assert not inference.bfloat16_inference(torch.device("meta"))
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        expected = native and torch.backends.mkldnn.is_available()
+        assert inference.bfloat16_inference(torch.device("cpu")) == expected
+        assert inference.precision(torch.device("cpu")) == ("bfloat16" if expected
+                                                           else "float32")
+    monkeypatch.setenv(inference.FLOAT32_ENV, "1")
+    assert not inference.bfloat16_inference(torch.device("cuda"))
+    assert inference.precision(torch.device("cpu")) == "float32"
+
+
+def test_bfloat16_and_float32_maps_agree(monkeypatch):
+    import pytest
+
+    from EmphysemaUADLib import inference
+    from EmphysemaUADLib.detection import Detector
+
+    monkeypatch.delenv(inference.FLOAT32_ENV, raising=False)
+    if not inference.bfloat16_inference(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16: detection runs in float32 here")
+    ct, lungs = _phantom()
+    detector = Detector.load(device="cpu")
+    fast = predict_ct(ct, lungs, detector.model, detector.device)
+    monkeypatch.setenv(inference.FLOAT32_ENV, "1")
+    exact = predict_ct(ct, lungs, detector.model, detector.device)
+    assert not np.array_equal(fast, exact)  # the switch changes the arithmetic
+    assert np.abs(fast - exact).max() < 0.05
+    inside = lungs > 0
+    assert np.mean((fast > 0.5)[inside] != (exact > 0.5)[inside]) < 1e-3

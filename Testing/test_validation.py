@@ -278,6 +278,7 @@ def test_validate_writes_every_output(validated, cohort):
                                                      "scores_by_severity.png"]
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["path"] == str(cohort[1])
+    assert report["model"]["precision"] in ("bfloat16", "float32")
     assert report["software"]["version"] and report["model"]["config"]["model"]
     assert report["severity_to_stage"]["2"] == "Mild"
     assert len(report["cases"]) == 6

@@ -1,16 +1,18 @@
-"""How the network runs fastest on the CPU: batch size and memory layout, in one process.
+"""How the network runs fastest on the CPU: batch size, memory layout and precision, in one
+process.
 
 Usage: .venv/bin/python scripts/bench_cpu_network.py [CT] [--repeats N]
 (CT default: the real thorax CT of ../shared/data/chest-ct-dicom). The lungs are segmented
 once. Part 1 times the forward alone over the CT's lung-box slices at batch 8 and 1, with the
-tensors in the default (contiguous) and channels-last layouts, each against batch 8
-contiguous (the former default). Part 2 times detect_case (regions, noise, network,
-measurements) as `detect` runs it (batch 1, channels-last) against batch 8, and checks that
-the label maps are identical. Best of --repeats for each.
+tensors in the default (contiguous) and channels-last layouts, in float32 and (where the CPU
+has native bfloat16) in bfloat16, each against batch 8 contiguous float32 (the first
+default). Part 2 times detect_case (regions, noise, network, measurements) as `detect` runs it
+(batch 1, channels-last, bfloat16 where native) against float32 (EMPHYSEMA_UAD_FLOAT32=1),
+and compares their maps. Best of --repeats for each.
 """
 import argparse
 import copy
-import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 
 from EmphysemaUADLib.detection import Detector, detect_case
-from EmphysemaUADLib.inference import lung_box, pad_to_multiple
+from EmphysemaUADLib.inference import (FLOAT32_ENV, bfloat16_inference, lung_box,
+                                       pad_to_multiple, precision)
 from EmphysemaUADLib.intensity import hu_to_unit
 from EmphysemaUADLib.lungs import segment_lungs
 from EmphysemaUADLib.volume_io import read_ct
@@ -33,6 +36,7 @@ lungs = segment_lungs(ct)
 detector = Detector.load(None, "cpu")
 zs, ys, xs = lung_box(lungs)
 slices = hu_to_unit(pad_to_multiple(ct.array[zs, ys, xs].astype(np.float32))[0])[:, None]
+native_bf16 = bfloat16_inference(torch.device("cpu"))
 
 
 def best_of(run) -> float:
@@ -44,11 +48,11 @@ def best_of(run) -> float:
     return min(times)
 
 
-def forward(batch: int, layout: torch.memory_format):
+def forward(batch: int, layout: torch.memory_format, bf16: bool):
     model = copy.deepcopy(detector.model).to(memory_format=layout).eval()
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             for first in range(0, len(slices), batch):
                 model(torch.from_numpy(slices[first:first + batch]).contiguous(
                     memory_format=layout))
@@ -56,22 +60,35 @@ def forward(batch: int, layout: torch.memory_format):
 
 
 print(f"{args.ct}: {len(slices)} lung-box slices of {slices.shape[2]} x {slices.shape[3]}, "
-      f"best of {args.repeats}")
-timed = {(b, name): best_of(forward(b, layout)) for b in (8, 1)
+      f"best of {args.repeats}; native bfloat16: {'yes' if native_bf16 else 'no'}")
+timed = {(b, name, kind): best_of(forward(b, layout, kind == "bfloat16"))
+         for kind in ("float32", "bfloat16")[:1 + native_bf16] for b in (8, 1)
          for name, layout in (("contiguous", torch.contiguous_format),
                               ("channels-last", torch.channels_last))}
-for (batch, name), seconds in timed.items():
-    print(f"forward, batch {batch}, {name:13s} {seconds:6.1f} s  "
-          f"x{timed[8, 'contiguous'] / seconds:.2f}")
-seconds, maps = {}, {}
-for batch in (8, detector.batch_size):
-    run = dataclasses.replace(detector, batch_size=batch)
+baseline = timed[8, "contiguous", "float32"]
+for (batch, name, kind), seconds in timed.items():
+    print(f"forward, batch {batch}, {name:13s} {kind:8s} {seconds:6.1f} s  "
+          f"x{baseline / seconds:.2f}")
 
-    def detect():
-        maps[batch] = detect_case(ct, run, lungs=lungs, warn=False).emphysema
-    seconds[batch] = best_of(detect)
-same = np.array_equal(maps[8], maps[detector.batch_size])
-print(f"detect_case, batch 8: {seconds[8]:.1f} s; as detect runs it (batch "
-      f"{detector.batch_size}): {seconds[detector.batch_size]:.1f} s, "
-      f"x{seconds[8] / seconds[detector.batch_size]:.2f}; label maps "
-      f"{'identical' if same else 'DIFFER'}")
+
+def detect(float32: bool):
+    """detect_case's seconds and result, float32 forced or as `detect` runs."""
+    os.environ[FLOAT32_ENV] = "1" if float32 else "0"
+    out = {}
+
+    def run():
+        out["result"] = detect_case(ct, detector, lungs=lungs, warn=False)
+    seconds = best_of(run)
+    return seconds, out["result"], precision(detector.device)
+
+
+(f32_s, f32, _), (run_s, ran, kind) = detect(True), detect(False)
+os.environ.pop(FLOAT32_ENV)
+lung = lungs > 0
+differ = int((f32.emphysema != ran.emphysema).sum())
+print(f"detect_case, float32: {f32_s:.1f} s; as detect runs it (batch {detector.batch_size}, "
+      f"{kind}): {run_s:.1f} s, x{f32_s / run_s:.2f}")
+print(f"maps: largest probability difference {np.abs(f32.anomaly - ran.anomaly).max():.4f}; "
+      f"{differ} of {int(lung.sum())} lung voxels labelled differently; emphysema index "
+      f"{f32.measurements.whole.emphysema_index_percent:.3f} % (float32) against "
+      f"{ran.measurements.whole.emphysema_index_percent:.3f} %")
