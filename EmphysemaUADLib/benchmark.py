@@ -23,7 +23,7 @@ import torch
 
 from .detection import Detector, detect_case
 from .devices import machine_info
-from .inference import (bfloat16_inference, lung_box, network_input, pad_to_multiple,
+from .inference import (use_bfloat16, lung_box, network_input, pad_to_multiple,
                         precision)
 from .progress import NO_PROGRESS, Progress
 from .volume_io import read_ct
@@ -93,7 +93,7 @@ def forward_time(ct, lungs, detector: Detector) -> float:
         batches.append(network_input(padded, device))
     model = detector.model
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=bfloat16_inference(device)):
+                                                enabled=use_bfloat16(device)):
         model(batches[0])  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -117,21 +117,20 @@ def _peak_mb(device: torch.device) -> float | None:
 
 def network_throughput(device: torch.device, width: int = THROUGHPUT["width"],
                        size: int = THROUGHPUT["size"], batch: int = THROUGHPUT["batch"]) -> dict:
-    """Slices/s of a fresh EDLNet (inference in bf16 where detection uses it; training steps
-    in bf16 on CUDA): inference and training steps."""
+    """Slices/s of a fresh EDLNet in the precision and layout detection and training use on
+    `device`: inference and training steps."""
     from .network import EDLNet
-    from .training import train_step
+    from .training import channels_last, train_step
 
-    cuda = device.type == "cuda"
     model = EDLNet(width=width).to(device)
     x = torch.rand(batch, 1, size, size, device=device)
-    if cuda:
+    if channels_last(device):
         model, x = (t.to(memory_format=torch.channels_last) for t in (model, x))
     out = {"width": width, "size": size, "batch": batch}
     _reset_peak(device)
     model.eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=bfloat16_inference(device)):
+                                                enabled=use_bfloat16(device)):
         for step in range(WARMUP_STEPS + TIMED_STEPS):
             if step == WARMUP_STEPS:
                 _sync(device)

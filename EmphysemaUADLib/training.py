@@ -33,7 +33,7 @@ from .acquisition import KERNELS, NOISE_LEVELS, add_ct_noise, apply_kernel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import choose_device
 from .errors import InputError, setting_error
-from .inference import score_batch
+from .inference import score_batch, use_bfloat16
 from .intensity import HU_WINDOW, hu_to_unit
 from .lesions import MORPHOLOGIES, random_training_lesions, synthesize_lesions
 from .metrics import best_dice, binned
@@ -241,7 +241,7 @@ def validate(model, val: ValidationSet, device: torch.device, batch_size: int,
     with torch.inference_mode():
         for start in range(0, len(val.x), batch_size):
             x = torch.from_numpy(val.x[start:start + batch_size]).to(device)
-            if device.type == "cuda":
+            if channels_last(device):
                 x = x.contiguous(memory_format=torch.channels_last)
             probs.append(score_batch(model, x, score)[:, 0].cpu().numpy())
     model.train(was_training)
@@ -265,10 +265,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def channels_last(device: torch.device) -> bool:
+    """Training tensors channels-last: faster on GPUs, and on the CPU in bfloat16 only (a
+    float32 step of 8 patches took 1.98 s against 1.91 s contiguous on 2 Xeon cores)."""
+    return device.type == "cuda" or use_bfloat16(device)
+
+
 def compute_loss(model, x, target, mask, anomaly_loss: str | None = "mse"):
     """MSE(reconstruction, clean) + anomaly term (MSE of the probability, published, or BCE
     with logits; None: no anomaly term), 1:1; computed in float32 whatever the autocast."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bfloat16(x.device)):
         recon, logit = model(x)
     recon, logit = recon.float(), logit.float()
     if anomaly_loss is None:
@@ -284,7 +290,7 @@ def train_step(model, optimizer, batch, device: torch.device, lr: float,
                anomaly_loss: str | None = "mse") -> torch.Tensor:
     """One optimiser step on one batch; returns the (detached) loss before the step."""
     x, target, mask = (t.to(device, non_blocking=True) for t in batch)
-    if device.type == "cuda":
+    if channels_last(device):
         x = x.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -548,7 +554,7 @@ class Trainer:
         if saved:
             model.load_state_dict(saved.state_dict)
         model = model.to(device)
-        if device.type == "cuda":
+        if channels_last(device):
             model = model.to(memory_format=torch.channels_last)
         self.model = self.net = model
         if self.procs.world > 1:

@@ -77,20 +77,23 @@ def test_pixels_outside_the_range_are_resampled_and_the_map_comes_back_on_the_ct
 
 
 def test_bfloat16_runs_where_it_is_native_and_float32_can_be_asked_for(monkeypatch):
-    from EmphysemaUADLib import inference
+    from EmphysemaUADLib import inference, training
 
     monkeypatch.delenv(inference.FLOAT32_ENV, raising=False)
-    assert inference.bfloat16_inference(torch.device("cuda"))
-    assert not inference.bfloat16_inference(torch.device("meta"))
+    assert inference.use_bfloat16(torch.device("cuda"))
+    assert not inference.use_bfloat16(torch.device("meta"))
     for native in (True, False):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
         expected = native and torch.backends.mkldnn.is_available()
-        assert inference.bfloat16_inference(torch.device("cpu")) == expected
+        assert inference.use_bfloat16(torch.device("cpu")) == expected
+        # training: channels-last goes with bfloat16 on the CPU (float32 gains nothing)
+        assert training.channels_last(torch.device("cpu")) == expected
         assert inference.precision(torch.device("cpu")) == ("bfloat16" if expected
                                                            else "float32")
     monkeypatch.setenv(inference.FLOAT32_ENV, "1")
-    assert not inference.bfloat16_inference(torch.device("cuda"))
+    assert not inference.use_bfloat16(torch.device("cuda"))
     assert inference.precision(torch.device("cpu")) == "float32"
+    assert training.channels_last(torch.device("cuda"))
 
 
 def test_bfloat16_and_float32_maps_agree(monkeypatch):
@@ -100,7 +103,7 @@ def test_bfloat16_and_float32_maps_agree(monkeypatch):
     from EmphysemaUADLib.detection import Detector
 
     monkeypatch.delenv(inference.FLOAT32_ENV, raising=False)
-    if not inference.bfloat16_inference(torch.device("cpu")):
+    if not inference.use_bfloat16(torch.device("cpu")):
         pytest.skip("this CPU has no native bfloat16: detection runs in float32 here")
     ct, lungs = _phantom()
     detector = Detector.load(device="cpu")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from EmphysemaUADLib.detection import Detector, detect_case
-from EmphysemaUADLib.inference import (FLOAT32_ENV, bfloat16_inference, lung_box,
+from EmphysemaUADLib.inference import (FLOAT32_ENV, use_bfloat16, lung_box,
                                        pad_to_multiple, precision)
 from EmphysemaUADLib.intensity import hu_to_unit
 from EmphysemaUADLib.lungs import segment_lungs
@@ -36,7 +36,7 @@ lungs = segment_lungs(ct)
 detector = Detector.load(None, "cpu")
 zs, ys, xs = lung_box(lungs)
 slices = hu_to_unit(pad_to_multiple(ct.array[zs, ys, xs].astype(np.float32))[0])[:, None]
-native_bf16 = bfloat16_inference(torch.device("cpu"))
+native_bf16 = use_bfloat16(torch.device("cpu"))
 
 
 def best_of(run) -> float:
