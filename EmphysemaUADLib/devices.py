@@ -85,8 +85,8 @@ def describe(device: str = "auto", gpus: list[Gpu] | None = None,
     """One line saying what `device` will run on. `gpus` (from `nvidia_gpus()`) and `cuda`
     (from `torch_sees_cuda()`) are looked up when not given."""
     if device == "cpu":
-        return ("CPU (chosen): detection takes up to about a minute per CT, training is "
-                "very slow.")
+        return ("CPU (chosen): detection takes up to about a minute per CT, fine-tuning "
+                "minutes, training from scratch very long.")
     cuda = torch_sees_cuda() if cuda is None else cuda
     gpus = nvidia_gpus() if gpus is None else gpus
     if cuda is None:
