@@ -23,8 +23,7 @@ import torch
 
 from .detection import Detector, detect_case
 from .devices import machine_info
-from .inference import (use_bfloat16, lung_box, network_input, pad_to_multiple,
-                        precision)
+from .inference import lung_box, network_input, pad_to_multiple, precision, use_bfloat16
 from .progress import NO_PROGRESS, Progress
 from .volume_io import read_ct
 
