@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from EmphysemaUADLib.detection import Detector, detect_case
-from EmphysemaUADLib.inference import (FLOAT32_ENV, use_bfloat16, lung_box,
-                                       pad_to_multiple, precision)
+from EmphysemaUADLib.inference import (FLOAT32_ENV, lung_box, pad_to_multiple, precision,
+                                       use_bfloat16)
 from EmphysemaUADLib.intensity import hu_to_unit
 from EmphysemaUADLib.lungs import segment_lungs
 from EmphysemaUADLib.volume_io import read_ct
