@@ -46,6 +46,10 @@ P_FLIP = 0.3  # published: flips and 90-degree rotations, p = 0.3 each
 P_ROTATE = 0.3
 P_KERNEL = 0.5  # re-filter with a random reconstruction kernel
 P_NOISE = 0.5  # add noise of a random level (so a quarter of the samples keep neither)
+# Healthy lungs scanned at other inspiration levels: the parenchyma's tissue fraction
+# (HU + 1000) scaled by a log-uniform factor in this range, i.e. -900 to -775 HU at -850 HU.
+P_DENSITY = 0.5
+DENSITY_RANGE = (2 / 3, 3 / 2)
 WARMUP_SHARE = 0.1
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # residual cut-points tried (0.35 HU apart); strictly inside (0, 1) as detection requires
@@ -109,9 +113,18 @@ RUN_KEYS = ("epochs", "width", "batch_size", "size", "patch_size", "steps_per_ep
 
 
 # --- samples ------------------------------------------------------------------------------
+def scale_lung_density(hu: np.ndarray, factor: float) -> np.ndarray:
+    """The tissue fraction (HU + 1000) of parenchyma (below -600 HU) scaled by `factor`; the
+    shift fades linearly to nothing at -400 HU, so air, vessels and walls keep their HU and,
+    for factors up to 1.5, no two values swap order."""
+    shift = np.interp(hu, (-1000.0, -600.0, -400.0), (0.0, (factor - 1.0) * 400.0, 0.0))
+    return (hu + shift).astype(np.float32)
+
+
 def augment(hu: np.ndarray, lungs: np.ndarray, spacing, rng, patch_size: int | None = None):
     """A random patch (centred on a lung pixel), flips, 90-degree rotations, then a random
-    reconstruction kernel and noise level. Returns (hu float32, lungs, spacing (y, x))."""
+    lung density (another inspiration level), reconstruction kernel and noise level.
+    Returns (hu float32, lungs, spacing (y, x))."""
     spacing = tuple(float(s) for s in spacing)
     if patch_size and patch_size < hu.shape[-1]:
         points = np.flatnonzero(lungs)
@@ -132,6 +145,8 @@ def augment(hu: np.ndarray, lungs: np.ndarray, spacing, rng, patch_size: int | N
             spacing = spacing[::-1]
     hu = np.ascontiguousarray(hu, dtype=np.float32)
     lungs = np.ascontiguousarray(lungs)
+    if rng.random() < P_DENSITY:
+        hu = scale_lung_density(hu, float(np.exp(rng.uniform(*np.log(DENSITY_RANGE)))))
     if rng.random() < P_KERNEL:
         hu = apply_kernel(hu, spacing, KERNELS[rng.integers(len(KERNELS))])
     if rng.random() < P_NOISE:

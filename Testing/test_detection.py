@@ -18,6 +18,7 @@ from EmphysemaUADLib.measurements import NOISE_WARN_HU, PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.report import write_case
+from EmphysemaUADLib.training import scale_lung_density
 from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
 # small, but at a clinical in-plane resolution: the network sees structures at their size
@@ -148,6 +149,19 @@ def test_real_ct_is_none_in_every_region(detector):
     for row in result.measurements:
         assert row.stage == "None", row
         assert row.emphysema_index_percent < 1.0, row
+
+
+@requires_shared
+def test_real_ct_at_a_deeper_inspiration_stays_none(detector):
+    # 2/3 of the tissue fraction: Perc15 -877 -> -918 HU, as healthy lungs reach at full
+    # inspiration; the whole lung stays None, the lower zones come near the cut-point
+    ct = read_ct(SHARED_DATA / "chest-ct-dicom")
+    darker = Volume(scale_lung_density(ct.array, 2 / 3), ct.geometry, ct.source)
+    result = detect_case(darker, detector)
+    for row in result.measurements:
+        assert row.emphysema_index_percent < 1.0, row
+        if row.region == "whole lung":
+            assert row.stage == "None", row
 
 
 

@@ -22,8 +22,8 @@ from EmphysemaUADLib.network import EDLNet
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
 from EmphysemaUADLib.training import (AugmentedSlices, EpochBatches, StopFlag, TrainOptions,
-                                      augment, compute_loss, lr_factor, threshold_warning,
-                                      train, train_step)
+                                      augment, compute_loss, lr_factor, scale_lung_density,
+                                      threshold_warning, train, train_step)
 from EmphysemaUADLib.training_data import SliceCache, build_slice_cache, cases_below
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,19 @@ def test_augment_is_seeded_and_swaps_spacing_on_rotation(cache_dir):
     assert a[0].shape == a[1].shape == (32, 32) and a[1].any()  # patch centred on lung
     spacings = {augment(hu, lungs, (4.0, 2.0), np.random.default_rng(s))[2] for s in range(40)}
     assert spacings == {(4.0, 2.0), (2.0, 4.0)}
+
+
+@pytest.mark.parametrize("factor", [2 / 3, 3 / 2])
+def test_lung_density_scaling_keeps_air_vessels_and_order(factor):
+    hu = np.linspace(-1100.0, 300.0, 2801, dtype=np.float32)
+    out = scale_lung_density(hu, factor)
+    assert out.dtype == np.float32
+    untouched = (hu <= -1000) | (hu >= -400)  # air, vessels, walls
+    np.testing.assert_array_equal(out[untouched], hu[untouched])
+    parenchyma = (hu > -1000) & (hu <= -600)  # tissue fraction scaled
+    np.testing.assert_allclose(out[parenchyma] + 1000, factor * (hu[parenchyma] + 1000),
+                               atol=1e-3)
+    assert np.all(np.diff(out) >= 0)  # no two values swap order
 
 
 def test_dataset_samples_are_deterministic_per_key(cache_dir):

@@ -133,7 +133,9 @@ levels 10, 20, 35 and 50 HU, smooth and sharp kernels, in two geometries (112 x 
 mm, healthy apart from a tumour) and one scan of another scanner reconstructed with a standard
 and a sharp kernel (Lung-PET-CT-Dx A0001, Philips Brilliance 16, 0.84 x 0.84 x 5 mm). Lesions
 are tissue loss (a drawn share of the local parenchymal density is kept, with the image's own
-texture); training applies flips, rotations, reconstruction-kernel and noise augmentation.
+texture); training applies flips, rotations, lung-density-level (the parenchyma's tissue
+fraction scaled by 2/3 to 3/2 in half of the samples, as at other inspiration levels),
+reconstruction-kernel and noise augmentation.
 {_start(config)}
 
 **Command.** `{command}`
