@@ -133,6 +133,8 @@ class EmphysemaUADParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
     runInBackground: bool = True
+    # take a shifted HU scale's shift off (air and fat both off by the same amount)
+    correctHu: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     outputAnomaly: vtkMRMLScalarVolumeNode
     outputTable: vtkMRMLTableNode
@@ -321,21 +323,21 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         return mrml.lobes_with_totalsegmentator(totalSegmentatorLogic, ctNode)
 
     def detect(self, ctNode, lobesNode=None, modelPath=None, threshold=None, device="auto",
-               outputs=(None, None, None), progress=None):
+               outputs=(None, None, None), progress=None, correctHu=False):
         """Detection in this process; returns the output nodes (mrml.OutputNodes)."""
         from EmphysemaUADLib import mrml
         from EmphysemaUADLib.detection import Detector, detect_case
         from EmphysemaUADLib.progress import NO_PROGRESS
 
         ct = mrml.volume_from_node(ctNode)
-        detector = Detector.load(modelPath, device, threshold)
+        detector = Detector.load(modelPath, device, threshold, correct_hu=correctHu)
         with tempfile.TemporaryDirectory(prefix="EmphysemaUAD-") as tmp:
             lobes = mrml.write_lobes(lobesNode, ctNode, tmp) if lobesNode else None
             result = detect_case(ct, detector, lobes=lobes, progress=progress or NO_PROGRESS)
         return mrml.result_to_nodes(result, ctNode, *outputs)
 
     def startBackgroundDetection(self, ctNode, lobesNode=None, modelPath=None, threshold=None,
-                                 device="auto"):
+                                 device="auto", correctHu=False):
         """Writes the CT (and lobes) to a temporary folder and starts `detect` on it; returns
         (process, folder). `backgroundDetectionNodes` turns the finished folder into nodes."""
         import shutil
@@ -346,7 +348,8 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         folder = Path(tempfile.mkdtemp(prefix="EmphysemaUAD-"))
         try:
             ct, lobes = mrml.write_detection_inputs(ctNode, folder, lobesNode)
-            args = detect_args(ct, folder / "out", lobes, modelPath, threshold, device)
+            args = detect_args(ct, folder / "out", lobes, modelPath, threshold, device,
+                               correctHu)
             return BackgroundProcess.cli(args).start(), folder
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
@@ -644,13 +647,13 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.runInBackground:
                 self.detectInput = p.inputVolume
                 self.detectProcess, self.detectFolder = self.logic.startBackgroundDetection(
-                    p.inputVolume, p.lobes, modelPath, threshold, p.device)
+                    p.inputVolume, p.lobes, modelPath, threshold, p.device, p.correctHu)
                 self.timer.start()
                 self.updateButtons()
                 return
             progress = SlicerProgress(self.ui.detectProgressBar, self.ui.detectStatusLabel)
             nodes = self.logic.detect(p.inputVolume, p.lobes, modelPath, threshold,
-                                      p.device, self._outputs(), progress)
+                                      p.device, self._outputs(), progress, p.correctHu)
             self.showResults(p.inputVolume, nodes)
 
     def onComputeLobes(self):

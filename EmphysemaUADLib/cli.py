@@ -175,9 +175,17 @@ def _add_detect(sub) -> None:
     p.add_argument("--threshold", type=float,
                    help="anomaly probability above which a voxel is emphysema "
                         "(default: the model's)")
+    _add_correct_hu(p)
     _add_device(p, batch=True)
     _add_progress(p)
     p.set_defaults(run=_run_detect)
+
+
+def _add_correct_hu(p) -> None:
+    p.add_argument("--correct-hu", action="store_true",
+                   help="take a shifted HU scale's shift off each scan before anything else "
+                        "(air outside the body should read -1000 HU, fat about -100; the "
+                        "shift is always measured and reported, and corrected only with this)")
 
 
 def _add_device(p, batch: bool = False) -> None:
@@ -196,7 +204,7 @@ def _run_detect(args) -> int:
     progress = _progress(args)
     cases = plan_batch(args.inputs, args.output, args.lobes)  # before any work
     detector = Detector.load(args.model, args.device, args.threshold, args.staging,
-                             args.batch_size)
+                             args.batch_size, args.correct_hu)
     result = run_batch(args.inputs, args.output, detector, args.lobes, progress, cases)
     if result.exit_code == 2 and args.progress == "json":  # the case errors said why
         from .progress import Progress
@@ -255,6 +263,7 @@ def _add_site_threshold(sub) -> None:
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
                    help="percentile of the healthy lung voxels' scores that becomes the "
                         "threshold")
+    _add_correct_hu(p)
     _add_device(p, batch=True)
     _add_progress(p)
     p.set_defaults(run=_run_site_threshold)
@@ -271,7 +280,8 @@ def _run_site_threshold(args) -> int:
                          "is written beside it as <name>.json).")
     check_percentile(args.percentile)
     progress = _progress(args)
-    detector = Detector.load(args.model, args.device, batch_size=args.batch_size)
+    detector = Detector.load(args.model, args.device, batch_size=args.batch_size,
+                             correct_hu=args.correct_hu)
     if Path(args.output).resolve() == Path(detector.model_path).resolve():
         raise InputError(f"{args.output} is the model itself; write the copy to another file.")
     result = site_threshold(args.healthy, detector, args.percentile, progress)
@@ -515,6 +525,7 @@ def _add_validate(sub) -> None:
     p.add_argument("--percentile", type=float,
                    help="with --site-folds: the percentile of the normal images' lung scores "
                         "that becomes the threshold (default 99.9)")
+    _add_correct_hu(p)
     _add_progress(p)
     p.set_defaults(run=_run_validate)
 
@@ -526,7 +537,7 @@ def _run_validate(args) -> int:
     check_output_folder(args.output)
     report, written = validate(args.labels, args.output, args.model, args.results,
                                args.device, args.bootstrap, args.seed, _progress(args),
-                               args.site_folds, args.percentile)
+                               args.site_folds, args.percentile, args.correct_hu)
     if args.progress != "json":
         print(summary_text(report))
     for path in written:

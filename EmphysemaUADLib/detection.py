@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import HuCheck, check_hu, corrected
 from .checkpoint import load_model, model_file
 from .devices import choose_device
 from .errors import InputError, setting_error
@@ -50,10 +51,11 @@ class Detector:
     threshold: float
     staging: Staging
     batch_size: int
+    correct_hu: bool = False  # take a shifted HU scale's shift off (calibration.py)
 
     @classmethod
     def load(cls, model_path=None, device="auto", threshold=None, staging=None,
-             batch_size=None) -> "Detector":
+             batch_size=None, correct_hu=False) -> "Detector":
         path = model_file(model_path) if model_path else default_model_path()
         dev = choose_device(device)
         model, config = load_model(path, device=dev)
@@ -63,10 +65,31 @@ class Detector:
             raise setting_error("threshold", f"must lie between 0 and 1 (got {threshold}).")
         if batch_size is None:
             batch_size = default_batch_size(dev)
+        # a site threshold set on corrected scans holds on corrected scans only
+        correct_hu = correct_hu or bool((config.get("site_threshold") or {}).get("correct_hu"))
         if batch_size < 1:
             raise setting_error("batch_size", f"must be at least 1 (got {batch_size}).")
         return cls(model, config, str(path), dev, threshold,
-                   Staging.load(staging) if staging else Staging(), batch_size)
+                   Staging.load(staging) if staging else Staging(), batch_size, correct_hu)
+
+    def calibrated(self, ct: Volume, progress: Progress = NO_PROGRESS,
+                   warn: bool = True) -> tuple[Volume, HuCheck]:
+        """The CT as the network and the measures see it, and its HU check: a shifted scale
+        is taken off with `correct_hu`, and otherwise, with `warn`, reported."""
+        check = check_hu(ct)
+        if not check.shifted:
+            return ct, check
+        name = ct.source or "CT"
+        if self.correct_hu:
+            progress.log(f"{name}: {check.describe()}; the HU scale's shift of "
+                         f"{check.shift_hu:+.0f} HU is taken off (--correct-hu).")
+            return corrected(ct, check), check
+        if warn:
+            progress.log(f"{name}: {check.describe()}, not -1000 and about -100: the HU scale "
+                         f"seems shifted by {check.shift_hu:+.0f} HU, which shifts every "
+                         "density measure and what the model sees; --correct-hu (or "
+                         "\"Correct the HU scale\" in Slicer) takes it off.", "warning")
+        return ct, check
 
     def off_site_noise(self, noise_hu: float | None) -> str | None:
         """The lung noise range ("4-9 HU") of the healthy scans this model's threshold was set
@@ -98,6 +121,8 @@ class CaseResult:
     measurements: Measurements
     noise_hu: float | None = None  # measurements.lung_noise_hu
     timings: dict[str, float] = field(default_factory=dict)
+    hu_check: HuCheck | None = None
+    hu_corrected: bool = False  # whether `ct` is the input less hu_check's shift
 
     @property
     def anomaly_score(self) -> float:
@@ -124,6 +149,8 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     and, with `warn`, warnings say so and flag strong noise (a caller that sums them up over
     a cohort passes False)."""
     timer = _Timer()
+    source = ct
+    ct, hu_check = timer("calibration", detector.calibrated, ct, progress, warn)
     if lungs is None:
         lungs = timer("lungs", segment_lungs, ct)
     if not lungs.any():
@@ -184,4 +211,4 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
 
     rows = timer("measurements", measure_all)
     return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, noise,
-                      timer.timings)
+                      timer.timings, hu_check, ct is not source)

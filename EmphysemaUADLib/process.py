@@ -66,13 +66,14 @@ def cli_command(args: list[str], python: str | None = None) -> list[str]:
 
 # The worker's arguments and where it writes are built here only, for the GUI and its tests.
 def detect_args(ct, output_dir, lobes=None, model=None, threshold=None,
-                device: str = "auto") -> list[str]:
+                device: str = "auto", correct_hu: bool = False) -> list[str]:
     """Arguments of `emphysema-uad detect` for one CT file (the case folder in `output_dir`
     is named after the file: `detect_case_dir`). `threshold` None: the model's own."""
     args = ["detect", str(ct), "--output-dir", str(output_dir), "--device", device]
     args += ["--lobes", str(lobes)] if lobes else []
     args += ["--model", str(model)] if model else []
     args += ["--threshold", str(threshold)] if threshold is not None else []
+    args += ["--correct-hu"] if correct_hu else []
     return args
 
 

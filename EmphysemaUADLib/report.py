@@ -85,6 +85,11 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if whole.partial:
         notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
                      "are partial; their values describe the scanned part only.")
+    check = result.hu_check
+    if check is not None and check.shifted:
+        notes.append(f"HU scale shifted by {check.shift_hu:+.0f} HU ({check.describe()}): "
+                     + ("taken off before everything here." if result.hu_corrected else
+                        "not corrected; densities and the model's input are shifted too."))
     if noisy(result.noise_hu):
         notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
                      f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
@@ -149,6 +154,9 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
                      "origin_mm": list(result.ct.geometry.origin),
                      "direction": list(result.ct.geometry.direction)},
         "lung_noise_hu": result.noise_hu,
+        # the measured HU scale (calibration.py) and whether its shift was taken off
+        "hu_calibration": None if result.hu_check is None else {
+            **result.hu_check.as_dict(), "corrected": result.hu_corrected},
         "region_kind": result.region_kind,
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,

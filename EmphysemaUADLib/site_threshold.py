@@ -137,7 +137,7 @@ def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS
                 ) -> tuple[np.ndarray, float | None]:
     """The voxel scores of a scan's lungs and its lung noise (InputError: unreadable, or no
     lung found)."""
-    ct = read_ct(path, progress)
+    ct, _ = detector.calibrated(read_ct(path, progress), progress)
     lungs = segment_lungs(ct)
     if not lungs.any():
         raise InputError("no lung found; is this a chest CT?")
@@ -197,5 +197,6 @@ def write_site_model(detector: Detector, output, result: SiteThreshold) -> Path:
     """A copy of the detector's model (already loaded and checked) whose config carries the
     site's threshold (no training state: the copy is for detection, not for resuming)."""
     config = {**detector.config, "threshold": result.threshold,
-              "site_threshold": result.record(detector.model_path)}
+              "site_threshold": {**result.record(detector.model_path),
+                                 "correct_hu": detector.correct_hu}}
     return save_checkpoint(output, detector.model.state_dict(), config)

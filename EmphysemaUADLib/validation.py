@@ -256,8 +256,11 @@ def _detected(case: LabelledCase, detector, progress) -> dict:
     ct = read_ct(case.file, progress)
     result = detect_case(ct, detector, progress=progress, warn=False)
     whole = _plain(result.measurements.whole.to_dict())
+    shift = result.hu_check.shift_hu if result.hu_check else None
     return {**whole, "anomaly_score": result.anomaly_score, "lung_noise_hu": result.noise_hu,
-            "threshold": detector.threshold, **density_measures(ct.array, result.lungs > 0)}
+            "hu_shift_hu": shift, "hu_corrected": result.hu_corrected,
+            "threshold": detector.threshold,
+            **density_measures(result.ct.array, result.lungs > 0)}
 
 
 def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dict]:
@@ -294,9 +297,14 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
             lungs = zones
     if lungs is None:
         lungs = segment_lungs(ct) > 0
+    hu = report.get("hu_calibration") or {}
+    shift = hu.get("shift_hu")
+    # the density measures on the HU scale `detect` measured on
+    array = ct.array - np.float32(shift) if shift and hu.get("corrected") else ct.array
     return {**whole, "anomaly_score": anomaly_score,
-            "lung_noise_hu": report.get("lung_noise_hu"), "threshold": report.get("threshold"),
-            **density_measures(ct.array, lungs)}, report
+            "lung_noise_hu": report.get("lung_noise_hu"), "hu_shift_hu": shift,
+            "hu_corrected": bool(hu.get("corrected")), "threshold": report.get("threshold"),
+            **density_measures(array, lungs)}, report
 
 
 def score_cases(labels: Labels, detector=None, results=None, progress: Progress = NO_PROGRESS,
@@ -340,6 +348,15 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
                      f"HU ({', '.join(loud[:5])}{', ...' if len(loud) > 5 else ''}; "
                      "lung_noise_hu in cases.csv): noise can be flagged as emphysema, so their "
                      "scores are less reliable.", "warning")
+    shifted = [m["hu_shift_hu"] for m in measured if m.get("hu_shift_hu")]
+    if shifted:
+        done = sum(bool(m.get("hu_corrected")) for m in measured if m.get("hu_shift_hu"))
+        progress.log(f"{len(shifted)} of {total} images have a shifted HU scale (air outside "
+                     f"the body {-1000 + float(np.median(shifted)):.0f} HU in the median; "
+                     "hu_shift_hu in cases.csv); "
+                     + (f"{done} of them corrected (--correct-hu)." if done else
+                        "their densities and the model's input are shifted too: "
+                        "--correct-hu takes the shift off."), "warning")
     if detector is not None:
         from .inference import precision  # torch: only where a detector ran
 
@@ -688,6 +705,8 @@ def case_rows(labels: Labels, measured: list[dict]) -> list[dict]:
                      "perc15_hu": m.get("perc15_hu"),
                      "mean_anomaly": m.get("mean_anomaly"),
                      "lung_noise_hu": m.get("lung_noise_hu"),
+                     "hu_shift_hu": m.get("hu_shift_hu"),
+                     "hu_corrected": m.get("hu_corrected"),
                      "threshold": m.get("threshold"),
                      **({"site_fold": m["site_fold"]} if "site_fold" in m else {})})
     return rows
@@ -777,8 +796,8 @@ def write_outputs(report: dict, output_dir) -> list[Path]:
 # --- the command ------------------------------------------------------------------------
 def validate(labels_path, output_dir, model=None, results=None, device="auto",
              n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, progress: Progress = NO_PROGRESS,
-             site_folds_n: int | None = None, percentile: float | None = None
-             ) -> tuple[dict, list[Path]]:
+             site_folds_n: int | None = None, percentile: float | None = None,
+             correct_hu: bool = False) -> tuple[dict, list[Path]]:
     """Everything `emphysema-uad validate` does: read and check the CSV, score every image
     (with `site_folds_n`, at the site threshold of its subject's fold: SiteFolds), compute
     the metrics, write the outputs. Nothing is written when anything fails first."""
@@ -791,6 +810,9 @@ def validate(labels_path, output_dir, model=None, results=None, device="auto",
         raise InputError("--site-folds and --results exclude each other: the folds' "
                          "thresholds need the network's scores, which a results folder "
                          "holds already thresholded.")
+    if results is not None and correct_hu:
+        raise InputError("--correct-hu and --results exclude each other: the detect run that "
+                         "wrote the results decided (its report.json says).")
     if percentile is not None and site_folds_n is None:
         raise InputError("--percentile sets the threshold of --site-folds; give both.")
     if results is not None and not Path(results).is_dir():
@@ -802,7 +824,7 @@ def validate(labels_path, output_dir, model=None, results=None, device="auto",
     detector = None
     if results is None:
         from .detection import Detector
-        detector = Detector.load(model, device)
+        detector = Detector.load(model, device, correct_hu=correct_hu)
     folds = None
     if site_folds_n is not None:
         from .site_threshold import DEFAULT_PERCENTILE

@@ -1,0 +1,132 @@
+"""The HU scale check: a phantom (air -1000, fat -95 HU) reads calibrated; shifted as a whole
+it reads the shift, which --correct-hu takes off; air alone off (fat where it should be), no
+air in the field of view, or a field-of-view border stored as -1024 are not read as a shift.
+The real HRCT slices of ../shared/data read a shift of about +78 HU, the other real scans
+none."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA, requires_shared
+from EmphysemaUADLib.calibration import TOLERANCE_HU, check_hu, corrected
+from EmphysemaUADLib.cli import main
+from EmphysemaUADLib.detection import Detector, detect_case
+from EmphysemaUADLib.phantom import make_phantom, write_phantom
+from EmphysemaUADLib.progress import Progress
+from EmphysemaUADLib.volume_io import read_ct
+
+PHANTOM = dict(shape=(24, 192, 192), spacing=(5.0, 1.6, 1.6), noise=20.0)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(seed=3, emphysema="moderate", morphology="centrilobular", **PHANTOM)
+
+
+def shifted(ct, shift):
+    return dataclasses.replace(ct, array=ct.array.astype(np.float32) + np.float32(shift))
+
+
+def test_a_calibrated_phantom_reads_no_shift(phantom):
+    check = check_hu(phantom.ct)
+    assert abs(check.air_hu + 1000) <= 10 and abs(check.fat_hu + 95) <= 15
+    assert not check.shifted and check.shift_hu is None
+
+
+@pytest.mark.parametrize("shift", [-60.0, 40.0, 80.0])
+def test_a_whole_scale_shift_is_measured_and_taken_off(phantom, shift):
+    check = check_hu(shifted(phantom.ct, shift))
+    assert check.shifted and abs(check.shift_hu - shift) <= 8
+    back = corrected(shifted(phantom.ct, shift), check)
+    assert abs(float(np.median(back.array - phantom.ct.array))) <= 8
+    assert not check_hu(back).shifted
+
+
+def test_a_shift_within_the_tolerance_is_left_alone(phantom):
+    assert not check_hu(shifted(phantom.ct, TOLERANCE_HU / 2)).shifted
+
+
+def test_air_off_while_fat_is_right_is_not_a_shift(phantom):
+    array = phantom.ct.array.astype(np.float32).copy()
+    array[array < -900] += 70.0  # air (outside and in the lungs' darkest voxels) only
+    check = check_hu(dataclasses.replace(phantom.ct, array=array))
+    assert check.air_hu is not None and abs(check.air_hu + 930) <= 10
+    assert check.fat_hu is not None and abs(check.fat_hu + 95) <= 15
+    assert not check.shifted
+
+
+def test_no_air_in_the_field_of_view_is_not_checked(phantom):
+    ct = phantom.ct
+    z, y, x = (n // 2 for n in ct.shape)
+    body_only = dataclasses.replace(ct, array=ct.array[:, y - 30:y + 30, x - 50:x + 50])
+    check = check_hu(body_only)
+    assert check.air_hu is None and not check.shifted
+    assert "not checked" in check.describe()
+
+
+def test_a_field_of_view_border_at_minus_1024_is_not_air(phantom):
+    array = phantom.ct.array.astype(np.float32).copy()
+    yy, xx = np.mgrid[:array.shape[1], :array.shape[2]]
+    r = array.shape[1] / 2
+    array[:, (yy - r + 0.5) ** 2 + (xx - r + 0.5) ** 2 > (0.97 * r) ** 2] = -1024.0
+    check = check_hu(dataclasses.replace(phantom.ct, array=array))
+    assert abs(check.air_hu + 1000) <= 10 and not check.shifted
+
+
+def test_detection_warns_and_corrects_only_when_asked(phantom):
+    detector = Detector.load(device="cpu")
+    ct = shifted(phantom.ct, 80.0)
+    messages = []
+
+    class Recorder(Progress):
+        def log(self, message, level="info"):
+            messages.append((level, message))
+
+    plain = detect_case(ct, detector, progress=Recorder("none"))
+    assert plain.hu_check.shifted and not plain.hu_corrected
+    assert any(level == "warning" and "--correct-hu" in m for level, m in messages)
+    fixed = detect_case(ct, dataclasses.replace(detector, correct_hu=True))
+    assert fixed.hu_corrected and abs(float(np.median(fixed.ct.array - phantom.ct.array))) <= 8
+    # the densities follow the scale: a lung 80 HU too bright has far less lung below -950
+    assert fixed.measurements.whole.laa950_percent > plain.measurements.whole.laa950_percent
+    reference = detect_case(phantom.ct, detector)
+    assert not reference.hu_corrected and reference.hu_check.shift_hu is None
+    assert fixed.measurements.whole.laa950_percent == pytest.approx(
+        reference.measurements.whole.laa950_percent, abs=1.0)
+
+
+def test_the_cli_reports_the_check_and_the_correction(phantom, tmp_path):
+    write_phantom(dataclasses.replace(phantom, ct=shifted(phantom.ct, 80.0)),
+                  tmp_path / "shifted.nii.gz")
+    for flag, name in (([], "plain"), (["--correct-hu"], "fixed")):
+        assert main(["detect", str(tmp_path / "shifted.nii.gz"), "-o", str(tmp_path / name),
+                     "--device", "cpu", "--progress", "none", *flag]) == 0
+    plain = json.loads((tmp_path / "plain/shifted/report.json").read_text())["hu_calibration"]
+    fixed = json.loads((tmp_path / "fixed/shifted/report.json").read_text())["hu_calibration"]
+    assert abs(plain["shift_hu"] - 80) <= 8 and plain["corrected"] is False
+    assert fixed["shift_hu"] == plain["shift_hu"] and fixed["corrected"] is True
+
+
+def test_a_site_threshold_set_on_corrected_scans_corrects_at_detection(tmp_path):
+    from EmphysemaUADLib.checkpoint import load_checkpoint, save_checkpoint
+
+    bundled = Detector.load(device="cpu")
+    config = {**bundled.config, "site_threshold": {"threshold": 0.3, "correct_hu": True}}
+    path = save_checkpoint(tmp_path / "site.pt", bundled.model.state_dict(), config)
+    assert load_checkpoint(path).config["site_threshold"]["correct_hu"] is True
+    assert Detector.load(path, device="cpu").correct_hu
+
+
+@requires_shared
+def test_the_real_scans_read_as_measured():
+    hrct = read_ct(SHARED_DATA / "emphysema-hrct-slices/slices/subject11_top.nii.gz")
+    check = check_hu(hrct)
+    assert check.shifted and 70 <= check.shift_hu <= 90  # air -922, fat -24 HU
+    for name in ("lung-pet-ct-dx/A0001_B.nii.gz", "lung-pet-ct-dx/A0001_L.nii.gz",
+                 "chest-ct-dicom"):
+        check = check_hu(read_ct(SHARED_DATA / name))
+        assert not check.shifted and abs(check.air_hu + 1000) <= 15, name
