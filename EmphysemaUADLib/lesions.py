@@ -38,8 +38,9 @@ LOWEST_HU = -1024.0  # the floor of stored CT values on most scanners
 LOWEST_AIR_HU = -1000.0  # air: no tissue left
 TISSUE_SCALE_MM = 2.0  # local parenchymal density: Gaussian sigma over which it is averaged
 # Tissue left in a lesion (share of the local density above air), drawn uniformly per lesion:
-# real holes on thin-slice CT read -880..-990 HU through partial volume and noise, not a
-# constant -975 HU; panlobular emphysema is a diffuse, partial loss.
+# small holes keep partial volume and noise, not a constant -975 HU; panlobular emphysema is a
+# diffuse, partial loss. (The real HRCT slices whose holes read -880..-990 HU, which suggested
+# this, turned out to read air at -920 HU: their scale is shifted by +77 HU, calibration.py.)
 REMAINING = {"centrilobular": (0.0, 0.55), "paraseptal": (0.0, 0.35), "bullous": (0.0, 0.1),
              "panlobular": (0.3, 0.7)}
 
