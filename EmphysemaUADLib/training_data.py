@@ -206,10 +206,17 @@ def _fit(image: np.ndarray, size: int, fill) -> np.ndarray:
 
 
 def case_slices(case: Path, size: int, progress: Progress = NO_PROGRESS) -> _CaseSlices:
-    """The lung slices of one CT, cropped to its lung box and fitted to size x size."""
+    """The lung slices of one CT, cropped to its lung box and fitted to size x size (a
+    shifted HU scale is warned about, not corrected)."""
+    from .calibration import check_hu
     from .lungs import segment_lungs
 
     ct = read_ct(case, progress)
+    check = check_hu(ct)
+    if check.shifted:  # trained on as it is: the model then learns this scale
+        progress.log(f"{case}: {check.describe()}; its HU scale seems shifted by "
+                     f"{check.shift_hu:+.0f} HU and is used as it is. Train on scans of one "
+                     "scale, and detect with the same choice of --correct-hu.", "warning")
     lungs = segment_lungs(ct) > 0
     area = lungs.sum(axis=(1, 2))
     if area.max(initial=0) == 0:

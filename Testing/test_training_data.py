@@ -1,6 +1,7 @@
 """The slice cache of healthy training CTs: finding cases, building, reusing, skipping, split."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -172,3 +173,21 @@ def test_real_dicom_case(tmp_path):
     lung_share = np.mean([cache.lungs(i).mean() for i in range(0, len(cache), 10)])
     assert 0.05 < lung_share < 0.7
     np.testing.assert_allclose(cache.spacing[0], (0.977, 0.977), atol=0.01)
+
+
+def test_a_shifted_hu_scale_is_warned_about_not_changed(tmp_path):
+    from EmphysemaUADLib.training_data import case_slices
+
+    phantom = make_phantom(4, shape=(12, 160, 160), spacing=(5.0, 1.8, 1.8), noise=15.0)
+    for name, shift in (("plain", 0.0), ("shifted", 80.0)):
+        ct = dataclasses.replace(phantom.ct, array=phantom.ct.array + np.float32(shift))
+        write_phantom(dataclasses.replace(phantom, ct=ct), tmp_path / f"{name}.nii.gz")
+    progress, stream = json_progress()
+    plain = case_slices(tmp_path / "plain.nii.gz", 192, progress)
+    assert not [e for e in events(stream) if e.get("level") == "warning"]
+    shifted = case_slices(tmp_path / "shifted.nii.gz", 192, progress)
+    warnings = [e["message"] for e in events(stream) if e.get("level") == "warning"]
+    assert len(warnings) == 1 and "shifted by +8" in warnings[0]
+    lungs = np.unpackbits(plain.lungs, axis=-1).astype(bool)
+    difference = shifted.hu.astype(np.float32) - plain.hu
+    assert abs(float(np.median(difference[lungs])) - 80) <= 1  # used as it is
