@@ -401,7 +401,8 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
     @classmethod
     def startSiteThreshold(cls, parameters, overwrite=False):
         """A copy of the Detect tab's model, site_model.pt in the training output folder,
-        whose threshold is set from the healthy CTs of the training folder."""
+        whose threshold is set from the healthy CTs of the training folder (on the HU scale
+        the Detect tab's "Correct the HU scale" chooses)."""
         from EmphysemaUADLib.errors import InputError
         from EmphysemaUADLib.process import BackgroundProcess, site_threshold_args
 
@@ -411,7 +412,8 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         if output.exists() and not overwrite:
             raise InputError(f"{output} already exists; choose another output folder.")
         return BackgroundProcess.cli(site_threshold_args(
-            data, output, cls.modelPath(parameters), parameters.trainDevice)).start()
+            data, output, cls.modelPath(parameters), parameters.trainDevice,
+            parameters.correctHu)).start()
 
 
 # --- widget -----------------------------------------------------------------------------------

@@ -99,11 +99,14 @@ def train_args(data, output, epochs: int, width: int, batch_size: int, device: s
 SITE_MODEL_NAME = "site_model.pt"  # what the panel names the copy with a site's threshold
 
 
-def site_threshold_args(healthy, output, model=None, device: str = "auto") -> list[str]:
+def site_threshold_args(healthy, output, model=None, device: str = "auto",
+                        correct_hu: bool = False) -> list[str]:
     """Arguments of `emphysema-uad site-threshold`: a copy of `model` (None: the bundled
-    one) at `output` whose threshold is set from the healthy CTs in `healthy`."""
+    one) at `output` whose threshold is set from the healthy CTs in `healthy` (on their
+    corrected HU scale with `correct_hu`)."""
     args = ["site-threshold", str(healthy), "--output", str(output), "--device", device]
-    return args + (["--model", str(model)] if model else [])
+    return args + (["--model", str(model)] if model else []) + (
+        ["--correct-hu"] if correct_hu else [])
 
 
 def training_outputs(output) -> tuple[Path, Path]:
