@@ -147,8 +147,11 @@ are in the README ("Results").
 
 {_real_section(validated)}\
 **Limits.** Trained on three real CTs and phantoms; "Real emphysema" in the README's Results
-says what it finds and what it misses. On a sharp lung kernel the heart border and vessel
-edges raise the emphysema index of a healthy scan.{_healthy(healthy)} Its threshold, \
+says what it finds and what it misses. The real HRCT slices it was checked on read a HU scale
+shifted by about +77 HU (air outside the body -920 HU), and its results above are on them as
+stored; `detect` measures every scan's scale and `--correct-hu` takes a shift off (README,
+"HU scale"). On a sharp lung kernel the heart border and vessel edges raise the emphysema
+index of a healthy scan.{_healthy(healthy)} Its threshold, \
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),
 or fine-tune the model on them (`emphysema-uad train --init-from bundled`), and check it on
