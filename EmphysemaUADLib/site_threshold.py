@@ -133,11 +133,11 @@ def check_percentile(percentile: float) -> None:
                                           "leaves 0.1 % of healthy lung above the threshold.")
 
 
-def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS
+def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS, warn: bool = True
                 ) -> tuple[np.ndarray, float | None]:
     """The voxel scores of a scan's lungs and its lung noise (InputError: unreadable, or no
-    lung found)."""
-    ct, _ = detector.calibrated(read_ct(path, progress), progress)
+    lung found); `warn`: about a shifted HU scale (Detector.calibrated)."""
+    ct, _ = detector.calibrated(read_ct(path, progress), progress, warn)
     lungs = segment_lungs(ct)
     if not lungs.any():
         raise InputError("no lung found; is this a chest CT?")

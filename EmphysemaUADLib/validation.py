@@ -408,7 +408,8 @@ def site_folds(labels: Labels, detector, folds: int, percentile: float,
         progress.event("case", f"normal {number}/{len(normals)} {case.name}", case=case.name,
                        index=number, total=len(normals))
         try:
-            scores.add(case.name, *lung_scores(case.file, detector, progress))
+            # a shifted scale is counted once for the cohort (score_cases)
+            scores.add(case.name, *lung_scores(case.file, detector, progress, warn=False))
         except InputError as exc:
             raise InputError(f"{labels.path} row {case.row} ({case.file.name}): {exc}"
                              ) from None

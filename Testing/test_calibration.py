@@ -130,3 +130,15 @@ def test_the_real_scans_read_as_measured():
                  "chest-ct-dicom"):
         check = check_hu(read_ct(SHARED_DATA / name))
         assert not check.shifted and abs(check.air_hu + 1000) <= 15, name
+
+
+def test_validate_refuses_correct_hu_with_earlier_results(tmp_path):
+    from EmphysemaUADLib.errors import InputError
+    from EmphysemaUADLib.validation import validate
+
+    (tmp_path / "results").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,subject,pattern\na.nii.gz,s1,normal\n")
+    with pytest.raises(InputError, match="--correct-hu and --results"):
+        validate(labels, tmp_path / "out", results=tmp_path / "results", correct_hu=True)
+    assert not (tmp_path / "out").exists()
