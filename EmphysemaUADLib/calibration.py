@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
+from .lungs import AIR_HU as BODY_ABOVE_HU, PADDING_HU, outside_air
 from .regions import superior_axis
 from .volume_io import Volume
 
@@ -22,8 +23,6 @@ TOLERANCE_HU = 20.0      # air within this of -1000 HU: calibrated (noise, scatt
 AGREEMENT_HU = 30.0      # fat's shift must match air's: a whole-scale shift, not air alone
 AIR_SEARCH_HU = 150.0    # air's peak is looked for this far around -1000 HU
 FAT_SEARCH_HU = 40.0     # fat's peak: looked for this far beyond -100 HU and air's shift
-PADDING_BELOW_HU = -1500.0
-BODY_ABOVE_HU = -500.0
 BODY_AT_BORDER = 0.25    # share of the image border the body (and table) may cover
 CLEAR_OF_BODY_MM = 10.0  # air this close to the body is raised by its streaks and blur
 FAT_SHELL_MM = 30.0      # subcutaneous fat lies within this depth of the skin
@@ -94,15 +93,16 @@ def _slice_parts(image: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(air outside the body clear of body and padding, the body's outer shell) of a slice;
     both empty where the body reaches the image border widely (a field of view cut through
     the body, where lung touching the border would pass for outside air)."""
-    padding = image < PADDING_BELOW_HU
+    padding = image < PADDING_HU
     floor = image.min()
     if floor <= AIR_HU:  # a field-of-view border stored as a constant such as -1024 HU: the
         # large floor regions at the image border (not air clipped at the floor by noise)
-        padding |= _at_border(ndimage.binary_opening(image == floor, iterations=2))
+        floor_regions = ndimage.binary_opening(image == floor, iterations=2)
+        padding |= _at_border(floor_regions, np.zeros_like(floor_regions))
     smooth = ndimage.gaussian_filter(image, 1.0)
     dense = smooth >= BODY_ABOVE_HU
-    rim = np.concatenate([(dense & ~padding)[i] for i in (0, -1)]
-                         + [(dense & ~padding)[:, i] for i in (0, -1)])
+    body_like = dense & ~padding
+    rim = np.concatenate([body_like[0], body_like[-1], body_like[:, 0], body_like[:, -1]])
     if np.count_nonzero(rim) > BODY_AT_BORDER * rim.size:
         nothing = np.zeros(image.shape, bool)
         return nothing, nothing
@@ -116,16 +116,9 @@ def _slice_parts(image: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     return outside & clear & unclipped, body & (depth <= FAT_SHELL_MM)
 
 
-def _at_border(mask: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
-    """The connected parts of `mask` that touch the image border (or `padding`)."""
-    labels, n = ndimage.label(mask)
-    touching = np.zeros(n + 1, bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        touching[edge] = True
-    if padding is not None:
-        touching[labels[ndimage.binary_dilation(padding)]] = True
-    touching[0] = False
-    return touching[labels]
+def _at_border(mask: np.ndarray, padding: np.ndarray) -> np.ndarray:
+    """The connected parts of a slice's `mask` that touch the image border or `padding`."""
+    return outside_air(mask[None], padding[None])[0]
 
 
 def _peak(values: np.ndarray, low: float, high: float) -> float | None:

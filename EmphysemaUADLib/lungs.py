@@ -109,7 +109,7 @@ def _segment_canonical(hu: np.ndarray, spacing: tuple[float, float, float]) -> n
     cspacing = (spacing[0], spacing[1] * factors[0], spacing[2] * factors[1])
     smooth = ndi.gaussian_filter(coarse, (0, SMOOTH_MM / cspacing[1], SMOOTH_MM / cspacing[2]))
     air = (smooth < AIR_HU) & ~padding
-    outside = _outside_air(air, padding)
+    outside = outside_air(air, padding)
     inside = air & ~outside
     body = ~(outside | padding)
     airways = _airways(inside, smooth, body, cspacing)
@@ -148,8 +148,9 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~background[labels]
 
 
-def _outside_air(air: np.ndarray, padding: np.ndarray) -> np.ndarray:
-    """Air connected, within its slice, to the image border or to the scan-field padding."""
+def outside_air(air: np.ndarray, padding: np.ndarray) -> np.ndarray:
+    """Air connected, within its slice, to the image border or to the scan-field padding
+    (z, y, x masks; also calibration.py's air outside the body)."""
     labels, n = ndi.label(air, _IN_PLANE)
     touching = np.zeros(n + 1, bool)
     for face in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):

@@ -266,6 +266,7 @@ def _detected(case: LabelledCase, detector, progress) -> dict:
 def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dict]:
     """(measurements, report.json) of a case from a `detect` results folder; the density
     measures come from the CT and the lung mask `detect` used."""
+    from .calibration import HuCheck, corrected
     from .lungs import segment_lungs
     from .volume_io import read_ct, read_labels as read_label_map
 
@@ -298,13 +299,13 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     if lungs is None:
         lungs = segment_lungs(ct) > 0
     hu = report.get("hu_calibration") or {}
-    shift = hu.get("shift_hu")
-    # the density measures on the HU scale `detect` measured on
-    array = ct.array - np.float32(shift) if shift and hu.get("corrected") else ct.array
+    shift, was_corrected = hu.get("shift_hu"), bool(hu.get("corrected"))
+    if was_corrected:  # the density measures on the HU scale `detect` measured on
+        ct = corrected(ct, HuCheck(hu.get("air_hu"), hu.get("fat_hu"), shift))
     return {**whole, "anomaly_score": anomaly_score,
             "lung_noise_hu": report.get("lung_noise_hu"), "hu_shift_hu": shift,
-            "hu_corrected": bool(hu.get("corrected")), "threshold": report.get("threshold"),
-            **density_measures(array, lungs)}, report
+            "hu_corrected": was_corrected, "threshold": report.get("threshold"),
+            **density_measures(ct.array, lungs)}, report
 
 
 def score_cases(labels: Labels, detector=None, results=None, progress: Progress = NO_PROGRESS,
