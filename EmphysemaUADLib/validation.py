@@ -287,6 +287,10 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     if size is not None and list(size) != list(ct.shape[::-1]):
         raise InputError(f"{report_path} is of an image of size {size}, but {case.file} has "
                          f"{list(ct.shape[::-1])}; the results belong to another image.")
+    hu = report.get("hu_calibration") or {}
+    shift, was_corrected = hu.get("shift_hu"), bool(hu.get("corrected"))
+    if was_corrected:  # the HU scale `detect` segmented and measured on
+        ct = corrected(ct, HuCheck(hu.get("air_hu"), hu.get("fat_hu"), shift))
     lungs = None
     regions_path = folder / case.name / "regions.nii.gz"
     if report.get("region_kind") == "zones" and regions_path.is_file():
@@ -298,10 +302,6 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
             lungs = zones
     if lungs is None:
         lungs = segment_lungs(ct) > 0
-    hu = report.get("hu_calibration") or {}
-    shift, was_corrected = hu.get("shift_hu"), bool(hu.get("corrected"))
-    if was_corrected:  # the density measures on the HU scale `detect` measured on
-        ct = corrected(ct, HuCheck(hu.get("air_hu"), hu.get("fat_hu"), shift))
     return {**whole, "anomaly_score": anomaly_score,
             "lung_noise_hu": report.get("lung_noise_hu"), "hu_shift_hu": shift,
             "hu_corrected": was_corrected, "threshold": report.get("threshold"),

@@ -142,3 +142,30 @@ def test_validate_refuses_correct_hu_with_earlier_results(tmp_path):
     with pytest.raises(InputError, match="--correct-hu and --results"):
         validate(labels, tmp_path / "out", results=tmp_path / "results", correct_hu=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_on_corrected_detect_results_measures_as_validate_does(phantom, tmp_path):
+    from EmphysemaUADLib.validation import validate
+
+    # single slices have no zones: validate --results segments the lungs again, and must do
+    # so on the scale detect corrected to
+    z = phantom.ct.shape[0] // 2
+    for name in ("a", "b"):
+        ct = shifted(phantom.ct, 80.0 if name == "a" else 84.0)
+        one = dataclasses.replace(ct, array=ct.array[z:z + 1])
+        write_phantom(dataclasses.replace(phantom, ct=one, lungs=phantom.lungs[z:z + 1],
+                                          lesions=phantom.lesions[z:z + 1],
+                                          zones=phantom.zones[z:z + 1],
+                                          tissues=phantom.tissues[z:z + 1]),
+                      tmp_path / f"{name}.nii.gz")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,subject,pattern\na.nii.gz,s1,normal\nb.nii.gz,s2,centrilobular\n")
+    assert main(["detect", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-o",
+                 str(tmp_path / "detect"), "--correct-hu", "--device", "cpu",
+                 "--progress", "none"]) == 0
+    direct, _ = validate(labels, tmp_path / "direct", device="cpu", n_boot=0, correct_hu=True)
+    reread, _ = validate(labels, tmp_path / "reread", results=tmp_path / "detect", n_boot=0)
+    for one, two in zip(direct["cases"], reread["cases"]):
+        assert one["hu_corrected"] and two["hu_corrected"]
+        for key in ("laa950_percent", "laa910_percent", "perc15_hu"):
+            assert one[key] == two[key], key
