@@ -26,14 +26,14 @@ UMASK = _umask()
 
 @contextmanager
 def atomic_path(path) -> Iterator[Path]:
-    """Yields a temporary path beside `path` (same extension, for writers that go by it);
-    when the block succeeds it is flushed to disk and renamed onto `path`, when it fails it
-    is removed."""
+    """Yields a temporary path with `path`'s own name, in a hidden folder beside it (writers
+    go by the name: the extension picks a format, and torch names a checkpoint's records
+    after it, so the same weights give the same bytes); when the block succeeds it is
+    flushed to disk and renamed onto `path`, when it fails it is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{target.name}", dir=target.parent)
-    os.close(fd)
-    temp = Path(name)
+    folder = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    temp = folder / target.name
     try:
         yield temp
         with open(temp, "rb+") as f:
@@ -41,7 +41,7 @@ def atomic_path(path) -> Iterator[Path]:
         os.chmod(temp, 0o666 & ~UMASK)
         os.replace(temp, target)
     finally:
-        temp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -349,15 +349,9 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
                      f"HU ({', '.join(loud[:5])}{', ...' if len(loud) > 5 else ''}; "
                      "lung_noise_hu in cases.csv): noise can be flagged as emphysema, so their "
                      "scores are less reliable.", "warning")
-    shifted = [m["hu_shift_hu"] for m in measured if m.get("hu_shift_hu")]
-    if shifted:
-        done = sum(bool(m.get("hu_corrected")) for m in measured if m.get("hu_shift_hu"))
-        progress.log(f"{len(shifted)} of {total} images have a shifted HU scale (air outside "
-                     f"the body {-1000 + float(np.median(shifted)):.0f} HU in the median; "
-                     "hu_shift_hu in cases.csv); "
-                     + (f"{done} of them corrected (--correct-hu)." if done else
-                        "their densities and the model's input are shifted too: "
-                        "--correct-hu takes the shift off."), "warning")
+    hu_scale = hu_scale_text(measured)
+    if hu_scale:
+        progress.log(hu_scale, "warning")
     if detector is not None:
         from .inference import precision  # torch: only where a detector ran
 
@@ -606,6 +600,7 @@ def markdown(report: dict) -> str:
     cases = report["cases"]
     labels = ", ".join(report["label_columns"])
     model = report["model"] or {}
+    hu_scale = hu_scale_text(cases)
     lines = [f"# Validation on {Path(report['labels']).name}", "",
              f"{len(cases)} images of {boot['subjects']} subjects (labels: {labels}); model "
              f"`{Path(str(model.get('path'))).name}` ({threshold_text(model)}); "
@@ -613,6 +608,7 @@ def markdown(report: dict) -> str:
              "95 % intervals: percentile bootstrap over subjects, "
              f"{boot['resamples']} resamples (seed {boot['seed']})." if boot["resamples"]
              else "No intervals (--bootstrap 0).",
+             *([hu_scale] if hu_scale else []),
              "Every score is oriented so that higher means more emphysema; "
              + "; ".join(f"{s['label']} {s['note']}" for s in result["scores"] if "note" in s)
              + ".", "",
@@ -652,6 +648,21 @@ def markdown(report: dict) -> str:
     if model.get("site_folds"):
         lines += _folds_table(model["site_folds"])
     return "\n".join(lines) + "\n"
+
+
+def hu_scale_text(cases: list[dict]) -> str | None:
+    """How many images had a shifted HU scale and whether it was taken off, in words (for
+    the warning and the report alike); None when no image was shifted."""
+    shifted = [c["hu_shift_hu"] for c in cases if c.get("hu_shift_hu")]
+    if not shifted:
+        return None
+    done = sum(bool(c.get("hu_corrected")) for c in cases if c.get("hu_shift_hu"))
+    return (f"{len(shifted)} of {len(cases)} images have a shifted HU scale (air outside the "
+            f"body {-1000 + float(np.median(shifted)):.0f} HU in the median; hu_shift_hu in "
+            "cases.csv); "
+            + (f"{done} of them corrected (--correct-hu)." if done else
+               "their densities and the model's input are shifted too: "
+               "--correct-hu takes the shift off."))
 
 
 def threshold_text(model: dict) -> str:

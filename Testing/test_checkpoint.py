@@ -58,6 +58,15 @@ def test_sidecar_json_holds_the_config_and_no_temp_files_remain(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.pt"]
 
 
+def test_the_same_weights_give_the_same_bytes(saved, tmp_path):
+    """Saving again (another folder, another temporary name) reproduces the file to the
+    byte, so re-exporting the bundled model does not change it."""
+    model, path = saved
+    again = save_checkpoint(tmp_path / "again" / "model.pt", model.state_dict(),
+                            config_of(model))
+    assert again.read_bytes() == path.read_bytes()
+
+
 def test_training_state_round_trip(tmp_path):
     model = trained_model()
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)

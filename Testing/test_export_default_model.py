@@ -56,7 +56,7 @@ def test_the_card_states_the_healthy_scans_whole_lung_index(tmp_path):
                                                   "scrb": True, "gate": True,
                                                   "detach_fusion": False},
                               "training": TRAINING, "intensity_window": [-1000, 400],
-                              "threshold": 0.5}, 10, "train", 1.0, None, sentence)
+                              "threshold": 0.5}, 10, "train", 1.0, (), sentence)
     assert "(healthy lungs) with this model: kernel_B 0.36 % (None); kernel_L 1.68 %" in card
     assert "The run trains the network from scratch." in card
 
@@ -73,3 +73,44 @@ def test_the_card_names_the_start_model_of_a_fine_tune():
     assert export._start(_config("output/default-model/start.pt")) == (
         "The run fine-tunes the network of `output/default-model/start.pt` (the command says "
         "where it comes from).")
+
+
+
+def _validation_report(folder, config, corrected: bool) -> dict:
+    """A `validate` report as export reads it, with metrics computed on four slices of two
+    subjects (placeholder images: the labels are read without opening them)."""
+    from EmphysemaUADLib import validation
+
+    for name in "abcd":
+        (folder / f"{name}.nii.gz").write_bytes(b"placeholder")
+    (folder / "labels.csv").write_text(
+        "file,subject,pattern,severity\na.nii.gz,s1,normal,0\nb.nii.gz,s1,centrilobular,3\n"
+        "c.nii.gz,s2,normal,0\nd.nii.gz,s2,paraseptal,2\n")
+    labels = validation.read_labels(folder / "labels.csv")
+    measured = [{"anomaly_score": score, "emphysema_index_percent": index, "laa950_percent": 1.0,
+                 "laa910_percent": 5.0, "perc15_hu": -880.0, "stage": stage}
+                for score, index, stage in ((0.5, 0.0, "None"), (2.0, 6.0, "Moderate"),
+                                            (0.7, 0.1, "None"), (1.5, 0.8, "Mild"))]
+    return {"labels": "data/hrct/labels.csv", "label_columns": ["pattern", "severity"],
+            "model": {"path": "best.pt", "threshold": 0.5, "config": config},
+            "software": {"version": "0"},
+            "metrics": validation.compute_metrics(labels, measured, n_boot=20),
+            "cases": [{"hu_shift_hu": 80.0, "hu_corrected": corrected}] * 4}
+
+
+def test_the_card_shows_each_validation_under_how_it_read_the_hu_scale(tmp_path):
+    config = {**_config(None), "model": {"architecture": "EDLNet", "width": 16, "scrb": True,
+                                         "gate": True, "detach_fusion": False},
+              "training": TRAINING, "intensity_window": [-1000, 400], "threshold": 0.5}
+    validated = [export.real_data(_validation_report(tmp_path, config, corrected), config)
+                 for corrected in (False, True)]
+    card = export.model_card(config, 10, "train", 1.0, validated)
+    assert "| real HRCT AUROC normal vs emphysema (hrct) | 1.00" in card
+    assert "| real HRCT normal staged None | 2/2 |" in card
+    assert "HU scale corrected |" not in card  # the headline rows: the first report's only
+    stored = card.index("### HU scale as stored (the default)")
+    corrected = card.index("### HU scale corrected (`validate --correct-hu`)")
+    assert stored < corrected < card.index("**Limits.**")
+    assert "4 of 4 images have a shifted HU scale" in card[stored:corrected]
+    assert "4 of them corrected (--correct-hu)." in card[corrected:]
+    assert "#### Model stage" in card[stored:corrected]

@@ -165,6 +165,21 @@ def test_a_new_score_is_one_line(tiny, monkeypatch):
         "metrics": result})
 
 
+def test_the_report_says_how_the_hu_scale_was_read(tiny):
+    result = v.compute_metrics(*tiny, n_boot=0)
+    report = {"labels": "labels.csv", "label_columns": ["pattern", "severity"],
+              "model": {"path": "m.pt", "threshold": 0.5}, "software": {"version": "0"},
+              "metrics": result}
+    calibrated = [{"hu_shift_hu": 0.0, "hu_corrected": False}] * 3
+    assert "HU scale" not in v.markdown({**report, "cases": calibrated})
+    shifted = [{"hu_shift_hu": 80.0, "hu_corrected": False}] * 2 + calibrated[:1]
+    text = v.markdown({**report, "cases": shifted})
+    assert "2 of 3 images have a shifted HU scale (air outside the body -920 HU" in text
+    assert "--correct-hu takes the shift off" in text
+    corrected = [{**case, "hu_corrected": True} for case in shifted[:2]] + calibrated[:1]
+    assert "2 of them corrected (--correct-hu)." in v.markdown({**report, "cases": corrected})
+
+
 # --- bad labels ------------------------------------------------------------------------------
 GOOD = "file,subject,pattern,severity\na.nii.gz,s1,normal,0\nb.nii.gz,s2,paraseptal,2\n"
 
@@ -218,6 +233,8 @@ def cohort(tmp_path_factory):
     """Six one-slice CTs of three 'subjects' made from one small phantom: the normal slices
     differ by their noise, the emphysema slices have 5, 15 and 30 % of the lung turned into
     air-like voxels (severity 1, 3, 5), and a tiny untrained network."""
+    import torch
+
     from EmphysemaUADLib.checkpoint import save_checkpoint
     from EmphysemaUADLib.network import EDLNet
 
@@ -241,6 +258,7 @@ def cohort(tmp_path_factory):
         rows.append(f"images/{name},subject{k // 2},top,{pattern},{severity}")
     labels = folder / "labels.csv"
     labels.write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)  # the same network whatever ran before
     model = EDLNet(width=4)
     tiny = save_checkpoint(folder / "tiny.pt", model.state_dict(),
                            {"model": model.config, "input_size": 64,

@@ -1,7 +1,7 @@
 """Writes a trained checkpoint as the bundled default model, with its model card.
 
 Usage: export_default_model.py BEST.pt --output Resources/Models --command "how it was trained"
-       [--validation VALIDATE_DIR/report.json] [--healthy-scans DETECT_DIR]
+       [--validation VALIDATE_DIR/report.json ...] [--healthy-scans DETECT_DIR]
 
 The card's numbers come from the checkpoint's own config (what `train` recorded), from the
 report of `emphysema-uad validate` run with this checkpoint on real labelled CT, and from
@@ -51,15 +51,26 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     metrics = {row["key"]: row for row in report["metrics"]["metrics"]}
     staging = {row["key"]: row for row in report["metrics"]["staging"]["metrics"]}
     name = Path(report["labels"]).parent.name
+    scale = ", HU scale corrected" if _corrected(report) else ""
     overall = metrics["auroc"]["values"]["anomaly_score"]
     sensitivity = staging["sensitivity"]
-    rows = [(f"real HRCT AUROC normal vs emphysema ({name})",
+    specificity = staging["specificity"]
+    rows = [(f"real HRCT AUROC normal vs emphysema ({name}{scale})",
              f"{overall['value']:.2f} [{overall['ci95'][0]:.2f}, {overall['ci95'][1]:.2f}]"),
-            ("real HRCT staged above None, severity >= 2",
-             f"{sensitivity['count']}/{sensitivity['of']}")]
-    # without its title; its sections one level below the card's
-    table = validation.markdown(report).split("\n", 1)[1].replace("\n## ", "\n#### ")
+            (f"real HRCT staged above None, severity >= 2{scale}",
+             f"{sensitivity['count']}/{sensitivity['of']}"),
+            (f"real HRCT normal staged None{scale}",
+             f"{specificity['count']}/{specificity['of']}")]
+    # its sections one level below the card's, under a title that says how the scale was read
+    title = ("HU scale corrected (`validate --correct-hu`)" if scale else
+             "HU scale as stored (the default)")
+    table = f"### {title}\n" + validation.markdown(report).split("\n", 1)[1].replace(
+        "\n## ", "\n#### ")
     return rows, table
+
+
+def _corrected(report: dict) -> bool:
+    return any(case.get("hu_corrected") for case in report["cases"])
 
 
 def healthy_scans(folder, config: dict) -> str:
@@ -84,7 +95,7 @@ def _start(config: dict) -> str:
 
 
 def model_card(config: dict, params: int, command: str, size_mb: float,
-               validated: tuple[list, str] | None = None, healthy: str | None = None) -> str:
+               validated: list[tuple[list, str]] = (), healthy: str | None = None) -> str:
     t = config["training"]
     m = config["model"]
     device = t.get("device", "cpu")
@@ -113,7 +124,7 @@ def model_card(config: dict, params: int, command: str, size_mb: float,
         ("software", f"EmphysemaUAD {__version__}, torch {torch.__version__}, "
                      f"Python {platform.python_version()}"),
         ("date", datetime.date.today().isoformat()),
-    ] + (validated[0] if validated else [])
+    ] + (validated[0][0] if validated else [])  # the first (default) setting's headline
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# Model card: {DEFAULT_MODEL_NAME}
 
@@ -148,9 +159,9 @@ are in the README ("Results").
 {_real_section(validated)}\
 **Limits.** Trained on three real CTs and phantoms; "Real emphysema" in the README's Results
 says what it finds and what it misses. The real HRCT slices it was checked on read a HU scale
-shifted by about +77 HU (air outside the body -920 HU), and its results above are on them as
-stored; `detect` measures every scan's scale and `--correct-hu` takes a shift off (README,
-"HU scale"). On a sharp lung kernel the heart border and vessel edges raise the emphysema
+shifted by about +77 HU (air outside the body -920 HU); each table above says whether it
+scored them as stored or with the shift taken off. `detect` measures every scan's scale and
+`--correct-hu` takes a shift off (README, "HU scale"). On a sharp lung kernel the heart border and vessel edges raise the emphysema
 index of a healthy scan.{_healthy(healthy)} Its threshold, \
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),
@@ -170,7 +181,7 @@ def _real_section(validated) -> str:
         return ""
     return ("**Real emphysema** (`emphysema-uad validate` on real HRCT slices with a "
             "radiologist's pattern and severity; the labels only measure, they never trained or "
-            "tuned anything):\n" + validated[1] + "\n")
+            "tuned anything):\n\n" + "\n".join(table for _, table in validated) + "\n")
 
 
 def _without_machine_paths(config: dict) -> dict:
@@ -189,8 +200,10 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--output", required=True, help="folder for the model and its card")
     parser.add_argument("--command", required=True, help="the command that trained it")
-    parser.add_argument("--validation", help="report.json of `emphysema-uad validate` run "
-                                             "with this checkpoint on real labelled CT")
+    parser.add_argument("--validation", action="append", default=[],
+                        help="report.json of `emphysema-uad validate` run with this checkpoint "
+                             "on real labelled CT (again for another setting, e.g. "
+                             "--correct-hu)")
     parser.add_argument("--healthy-scans", metavar="DETECT_DIR",
                         help="output folder of `emphysema-uad detect` run with this checkpoint "
                              "on its real training CTs (healthy lungs)")
@@ -198,8 +211,8 @@ def main() -> None:
 
     saved = load_checkpoint(args.checkpoint)
     # both checked before anything is written
-    validated = (real_data(json.loads(Path(args.validation).read_text()), saved.config)
-                 if args.validation else None)
+    validated = [real_data(json.loads(Path(report).read_text()), saved.config)
+                 for report in args.validation]
     healthy = healthy_scans(args.healthy_scans, saved.config) if args.healthy_scans else None
     out = Path(args.output)
     config = _without_machine_paths(saved.config)

@@ -13,8 +13,8 @@
 # every one of eight seeds; README, "Real emphysema"). Width 16: detect handles a full thorax
 # CT within a minute on 2 cores.
 # Where ../shared/data holds them, the model card reports `validate` on the labelled HRCT
-# slices (labels measure only; they never train or tune anything) and `detect` on the
-# healthy scans.
+# slices as stored and with their HU scale corrected (labels measure only; they never train
+# or tune anything) and `detect` on the healthy scans.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup-env.sh")"
@@ -42,7 +42,11 @@ measured=()
 labels="$shared/emphysema-hrct-slices/labels.csv"
 if [ -f "$labels" ]; then
     "$cli" validate "$labels" --model "$work/finetune/best.pt" -o "$work/validate"
-    measured+=(--validation "$work/validate/report.json")
+    # and with the slices' shifted HU scale taken off (README, "HU scale")
+    "$cli" validate "$labels" --model "$work/finetune/best.pt" --correct-hu \
+        -o "$work/validate-corrected"
+    measured+=(--validation "$work/validate/report.json"
+               --validation "$work/validate-corrected/report.json")
 fi
 if [ ${#data[@]} -gt 1 ]; then  # the real CTs, healthy
     rm -rf "$work/healthy"
