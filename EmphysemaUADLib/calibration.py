@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .lungs import AIR_HU as BODY_ABOVE_HU, PADDING_HU, outside_air
 from .regions import superior_axis
-from .volume_io import Volume
+from .volume_io import Volume, roi_sized
 
 AIR_HU, FAT_HU = -1000.0, -100.0
 TOLERANCE_HU = 20.0      # air within this of -1000 HU: calibrated (noise, scatter, kernels)
@@ -54,7 +54,10 @@ class HuCheck:
 def check_hu(ct: Volume) -> HuCheck:
     """The shift of the CT's HU scale, from air outside the body and subcutaneous fat in up
     to CHECK_SLICES axial slices; shift_hu is None when air reads within TOLERANCE_HU of
-    -1000 HU, or when fat's peak contradicts a whole-scale shift."""
+    -1000 HU, or when fat's peak contradicts a whole-scale shift. An image the size of an
+    ROI of parenchyma (roi.py) is not checked: it shows no body to find either in."""
+    if roi_sized(ct.shape, ct.geometry.spacing_zyx):
+        return HuCheck(None, None, None)
     axis, _ = superior_axis(ct.geometry)
     hu = np.moveaxis(ct.array, axis, 0)
     spacing = [s for a, s in enumerate(ct.geometry.spacing_zyx) if a != axis]

@@ -17,7 +17,6 @@ from .checkpoint import load_model, model_file
 from .devices import choose_device
 from .errors import InputError, setting_error
 from .inference import predict_ct
-from .lungs import segment_lungs
 from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
                            RegionMeasurements, lung_noise_hu, measure, noisy, off_site_noise,
                            region_masks)
@@ -26,6 +25,7 @@ from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path
 from .progress import NO_PROGRESS, Progress
 from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regions,
                       superior_axis)
+from .roi import ROI, find_lungs
 from .staging import Staging
 from .volume_io import Volume
 
@@ -115,7 +115,7 @@ class CaseResult:
     lungs: np.ndarray
     regions: np.ndarray
     legend: dict[int, str]
-    region_kind: str  # "lobes", "zones" or "regions"
+    region_kind: str  # "lobes", "zones", "regions" or "roi" (roi.py: the whole lung only)
     anomaly: np.ndarray
     emphysema: np.ndarray
     measurements: Measurements
@@ -152,17 +152,28 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     source = ct
     ct, hu_check = timer("calibration", detector.calibrated, ct, progress, warn)
     if lungs is None:
-        lungs = timer("lungs", segment_lungs, ct)
+        lungs = timer("lungs", find_lungs, ct)
     if not lungs.any():
         raise InputError(f"{ct.source or 'CT'}: no lung found; is this a chest CT?")
-    if lobes is not None:
+    roi = bool((lungs == ROI).any())
+    if roi:
+        if lobes is not None:
+            raise InputError(f"{ct.source or 'CT'}: an ROI of parenchyma (no whole lung in "
+                             "it) has no lobes to measure; leave out the lobe map.")
+        if warn:
+            size = " x ".join(f"{n * s:.0f}" for n, s in zip(ct.shape, ct.geometry.spacing_zyx)
+                              if n > 1)
+            progress.log(f"{ct.source or 'CT'}: no whole lung in this small image ({size} "
+                         "mm); measured as an ROI of parenchyma: its part at lung density.")
+        regions, legend, kind = np.zeros(lungs.shape, np.uint8), {}, "roi"
+    elif lobes is not None:
         regions, legend = timer("regions", read_regions, lobes, ct, lungs, progress)
         kind = "lobes" if all("lobe" in name for name in legend.values()) else "regions"
     else:
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     ends = cut_ends(lungs > 0, ct.geometry)
-    if ends and warn:
+    if ends and warn and not roi:
         cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
                            for e in ends)
         progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "
@@ -190,7 +201,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
-                    detector.device, detector.batch_size, progress, detector.score)
+                    detector.device, detector.batch_size, progress, detector.score, roi)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
@@ -198,8 +209,8 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         for name, mask in region_masks(lungs, regions, measured):
             row = RegionMeasurements(name, **measure(ct.array, mask, emphysema, anomaly,
                                                      ct.geometry.voxel_ml))
-            if row.empty and name not in legend.values() and name in LOBES.values():
-                row.coverage = NOT_IN_SCAN
+            if row.empty and (roi or name not in legend.values() and name in LOBES.values()):
+                row.coverage = NOT_IN_SCAN  # an absent lobe, or a side an ROI does not have
             elif ends and (cut_ends(mask, ct.geometry) or (mask & cut_lungs).any()):
                 row.coverage = PARTIAL
             if not row.empty:

@@ -48,13 +48,16 @@ def lung_box(lungs: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice,
             slice(max(x[0] - margin, 0), min(x[-1] + 1 + margin, lungs.shape[2])))
 
 
-def pad_to_multiple(batch_hu: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Slices (n, h, w) padded with air to multiples of 16; also the top and left pads."""
+def pad_to_multiple(batch_hu: np.ndarray, mirror: bool = False
+                    ) -> tuple[np.ndarray, int, int]:
+    """Slices (n, h, w) padded to multiples of 16, with air or (`mirror`) with their own
+    mirror image; also the top and left pads."""
     n, h, w = batch_hu.shape
     ph, pw = -h % MULTIPLE, -w % MULTIPLE
     if ph or pw:
-        batch_hu = np.pad(batch_hu, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)),
-                          constant_values=-1000.0)
+        pads = ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        batch_hu = (np.pad(batch_hu, pads, mode="symmetric") if mirror else
+                    np.pad(batch_hu, pads, constant_values=-1000.0))
     return batch_hu, ph // 2, pw // 2
 
 
@@ -99,13 +102,15 @@ def score_batch(model, x: torch.Tensor, score: str = "anomaly") -> torch.Tensor:
 def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
                     device: torch.device, batch_size: int = 8,
                     progress: Progress = NO_PROGRESS,
-                    score: str = "anomaly") -> np.ndarray:
-    """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs."""
+                    score: str = "anomaly", roi: bool = False) -> np.ndarray:
+    """Voxel scores (float32, CT shape; see SCORES); zero outside the lungs. With `roi` (an
+    ROI of parenchyma, roi.py) the network sees whole slices mirrored at their edges instead
+    of the lungs' box framed by air."""
     if score not in SCORES:
         raise InputError(f"unknown voxel score {score!r} in the model config; this version "
                          f"knows {', '.join(SCORES)}.")
     anomaly = np.zeros(hu.shape, np.float32)
-    box = lung_box(lungs)
+    box = lung_box(lungs, margin=max(hu.shape) if roi else BOX_MARGIN)
     if box is None:
         return anomaly
     zs, ys, xs = box
@@ -115,7 +120,7 @@ def predict_anomaly(hu: np.ndarray, lungs: np.ndarray, model: torch.nn.Module,
     with torch.inference_mode():
         while done < total:
             chunk = slice(zs.start + done, min(zs.start + done + batch_size, zs.stop))
-            batch, top, left = pad_to_multiple(hu[chunk, ys, xs].astype(np.float32))
+            batch, top, left = pad_to_multiple(hu[chunk, ys, xs].astype(np.float32), roi)
             x = network_input(batch, device)
             try:
                 prob = score_batch(model, x, score)
@@ -151,9 +156,9 @@ def _zoom_in_plane(volume: np.ndarray, factors, order: int = 1) -> np.ndarray:
 
 def predict_ct(ct: Volume, lungs: np.ndarray, model: torch.nn.Module, device: torch.device,
                batch_size: int = 8, progress: Progress = NO_PROGRESS,
-               score: str = "anomaly") -> np.ndarray:
+               score: str = "anomaly", roi: bool = False) -> np.ndarray:
     """Voxel scores on the CT's grid (float32; zero outside the lungs), the network seeing
-    axial slices at a pixel size within PIXEL_RANGE_MM."""
+    axial slices at a pixel size within PIXEL_RANGE_MM (`roi`: see predict_anomaly)."""
     axis, _ = superior_axis(ct.geometry)
     order = (axis, *[a for a in range(3) if a != axis])
     hu, mask = np.transpose(ct.array, order), np.transpose(lungs > 0, order)
@@ -162,7 +167,7 @@ def predict_ct(ct: Volume, lungs: np.ndarray, model: torch.nn.Module, device: to
     if resampled:
         hu = _zoom_in_plane(hu, factors)
         mask = _zoom_in_plane(mask, factors) > 0.5
-    scores = predict_anomaly(hu, mask, model, device, batch_size, progress, score)
+    scores = predict_anomaly(hu, mask, model, device, batch_size, progress, score, roi)
     if resampled:  # back to the CT's in-plane grid, exactly its shape
         target = np.transpose(lungs, order).shape
         scores = ndimage.zoom(scores, (1.0, target[1] / scores.shape[1],

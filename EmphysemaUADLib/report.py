@@ -18,6 +18,7 @@ from .inference import precision
 from .measurements import COMPLETE, NOISE_WARN_HU, NOT_IN_SCAN, SUMMARY_KEYS, noisy
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
+from .roi import ROI
 from .volume_io import write_volume
 
 SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS)
@@ -82,7 +83,11 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     whole = result.measurements.whole
     rows, highlight = region_table(result)
     notes = []
-    if whole.partial:
+    roi = result.region_kind == "roi"
+    if roi:
+        notes.append("An ROI of parenchyma, no whole lung: measured where it is at lung "
+                     "density; its scale cannot be checked (no air outside the body).")
+    elif whole.partial:
         notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
                      "are partial; their values describe the scanned part only.")
     check = result.hu_check
@@ -98,20 +103,24 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
         notes.append(f"Threshold set on other scans: the lungs' noise, {result.noise_hu:.0f} HU, "
                      f"is far from that of the site's healthy scans ({site_noise}); another "
                      "kernel or dose?")
-    if any(r.coverage == NOT_IN_SCAN for r in result.measurements):
+    if result.region_kind == "lobes" and any(r.coverage == NOT_IN_SCAN
+                                             for r in result.measurements):
         notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
     threshold = f", anomaly probability > {detector.threshold:g}" if detector else ""
-    kind = {"zones": "zones (thirds of each lung's height, not lobes)"}.get(
+    kind = {"zones": "zones (thirds of each lung's height, not lobes)",
+            "roi": "an ROI of parenchyma (its part at lung density; no sides)"}.get(
         result.region_kind, result.region_kind)
     if result.region_kind == "zones" and not result.legend:
         kind = "each lung (too few slices for zones)"
     title = (f"{case}: stage {whole.stage}"
-             + (" (partial scan)" if whole.partial else "")
+             + (" (ROI)" if roi else " (partial scan)" if whole.partial else "")
              + f", emphysema index {whole.emphysema_index_percent:.2f} %")
     subtitle = f"Regions: {kind}. Views through the worst region: {region}."
-    legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill"),
-              ("right lung outline", OUTLINE_COLORS[1], "line"),
-              ("left lung outline", OUTLINE_COLORS[2], "line")]
+    outlines = ([("ROI lung outline", OUTLINE_COLORS[ROI])] if result.region_kind == "roi"
+                else [("right lung outline", OUTLINE_COLORS[1]),
+                      ("left lung outline", OUTLINE_COLORS[2])])
+    legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill")] + [
+        (name, color, "line") for name, color in outlines]
     fig = case_overlay(axial, right, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
                        notes, legend, LUNG_WINDOW, (axial_title, right_title), right_top)
     return save_figure(fig, path)

@@ -29,11 +29,11 @@ from .checkpoint import save_checkpoint
 from .detection import Detector
 from .errors import InputError, setting_error
 from .inference import predict_ct
-from .lungs import segment_lungs
 from .measurements import lung_noise_hu
 from .process import stop_requested
 from .progress import NO_PROGRESS, Progress
 from .regions import superior_axis
+from .roi import ROI, find_lungs
 from .staging import DEFAULT_CUTPOINTS
 from .volume_io import read_ct
 
@@ -138,11 +138,11 @@ def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS, warn
     """The voxel scores of a scan's lungs and its lung noise (InputError: unreadable, or no
     lung found); `warn`: about a shifted HU scale (Detector.calibrated)."""
     ct, _ = detector.calibrated(read_ct(path, progress), progress, warn)
-    lungs = segment_lungs(ct)
+    lungs = find_lungs(ct)
     if not lungs.any():
         raise InputError("no lung found; is this a chest CT?")
     anomaly = predict_ct(ct, lungs, detector.model, detector.device, detector.batch_size,
-                         progress, detector.score)
+                         progress, detector.score, bool((lungs == ROI).any()))
     return anomaly[lungs > 0], lung_noise_hu(ct.array, lungs, superior_axis(ct.geometry)[0])
 
 

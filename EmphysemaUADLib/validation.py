@@ -267,7 +267,7 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     """(measurements, report.json) of a case from a `detect` results folder; the density
     measures come from the CT and the lung mask `detect` used."""
     from .calibration import HuCheck, corrected
-    from .lungs import segment_lungs
+    from .roi import find_lungs
     from .volume_io import read_ct, read_labels as read_label_map
 
     report_path = folder / case.name / "report.json"
@@ -301,7 +301,7 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
         if zones.shape == ct.shape and abs(volume - reported) <= 0.01 + 1e-3 * reported:
             lungs = zones
     if lungs is None:
-        lungs = segment_lungs(ct) > 0
+        lungs = find_lungs(ct) > 0
     return {**whole, "anomaly_score": anomaly_score,
             "lung_noise_hu": report.get("lung_noise_hu"), "hu_shift_hu": shift,
             "hu_corrected": was_corrected, "threshold": report.get("threshold"),
@@ -342,7 +342,8 @@ def score_cases(labels: Labels, detector=None, results=None, progress: Progress 
     partial = sum(m.get("coverage") == PARTIAL for m in measured)
     if partial:  # once, not per image: a cohort of single slices is all partial
         progress.log(f"{partial} of {total} images cover only part of the lungs (single "
-                     "slices, for example); every measure compares what was scanned.", "warning")
+                     "slices or ROIs, for example); every measure compares what was scanned.",
+                     "warning")
     loud = [c.name for c, m in zip(labels.cases, measured) if noisy(m.get("lung_noise_hu"))]
     if loud:
         progress.log(f"{len(loud)} of {total} images have lung noise above {NOISE_WARN_HU:.0f} "

@@ -314,6 +314,29 @@ def looks_like_hu(array: np.ndarray) -> bool:
     return air >= 0.002 and tissue >= 0.002 and np.percentile(valid, 99) < 4000
 
 
+# A parenchyma ROI (roi.py): an image this small along every axis, at least this share of it
+# at lung density (below -500 HU: lung parenchyma, emphysematous or not, and airways)
+ROI_MAX_EXTENT_MM = 100.0
+PARENCHYMA_HU = -500.0
+MIN_LUNG_SHARE = 0.2
+
+
+def roi_sized(shape, spacing_zyx) -> bool:
+    """Whether an image is small enough along every axis to be an ROI of parenchyma."""
+    return all(n * s <= ROI_MAX_EXTENT_MM for n, s in zip(shape, spacing_zyx))
+
+
+def looks_like_parenchyma(array: np.ndarray) -> bool:
+    """An ROI of CT in HU: at least MIN_LUNG_SHARE of its voxels at lung density (between
+    -1100 and -500 HU), none beyond what CT holds. It need not hold air or soft tissue, which
+    looks_like_hu asks of a whole CT; MR and raw or normalised values still fail."""
+    valid = array[array > -1500]
+    if valid.size == 0:
+        return False
+    lung = np.count_nonzero((valid > -1100) & (valid < PARENCHYMA_HU)) / valid.size
+    return lung >= MIN_LUNG_SHARE and np.percentile(valid, 99) < 4000
+
+
 def read_ct(path: str | os.PathLike, progress: Progress = NO_PROGRESS) -> Volume:
     """Read and validate a CT volume in HU. Raises InputError with a one-line reason."""
     image, note = read_image(path, "CT")
@@ -326,11 +349,15 @@ def read_ct(path: str | os.PathLike, progress: Progress = NO_PROGRESS) -> Volume
         raise InputError(f"{source}: contains NaN or infinite values; it is not a valid CT.")
     if array.size == 0 or float(array.min()) == float(array.max()):
         raise InputError(f"{source}: every voxel has the same value; the image holds no data.")
-    if not looks_like_hu(array):
+    geometry = Geometry.of(image)
+    roi = roi_sized(array.shape, geometry.spacing_zyx)
+    if not (looks_like_hu(array) or roi and looks_like_parenchyma(array)):
         raise InputError(f"{source}: does not look like CT in Hounsfield units (no air near "
-                         "-1000 HU and soft tissue near 0 HU); expected a CT rescaled to HU, "
-                         "not MR or raw scanner values.")
-    return Volume(array, Geometry.of(image), source)
+                         "-1000 HU and soft tissue near 0 HU"
+                         + (", nor a fifth of it at lung density as in an ROI of lung"
+                            if roi else "")
+                         + "); expected a CT rescaled to HU, not MR or raw scanner values.")
+    return Volume(array, geometry, source)
 
 
 def read_labels(path: str | os.PathLike, what: str = "label map") -> Volume:

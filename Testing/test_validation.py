@@ -290,7 +290,7 @@ def test_validate_writes_every_output(validated, cohort):
     # one-slice images: one coverage warning for the cohort, not one per image
     warnings = [e["message"] for e in events if e.get("level") == "warning"]
     assert [w for w in warnings if "part of the lungs" in w] == [
-        "6 of 6 images cover only part of the lungs (single slices, for example); every "
+        "6 of 6 images cover only part of the lungs (single slices or ROIs, for example); every "
         "measure compares what was scanned."]
     assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "report.json", "report.md",
                                                      "scores_by_severity.png"]
