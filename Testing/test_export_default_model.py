@@ -108,8 +108,8 @@ def test_the_card_shows_each_validation_under_how_it_read_the_hu_scale(tmp_path)
     assert "| real HRCT AUROC normal vs emphysema (hrct) | 1.00" in card
     assert "| real HRCT normal staged None | 2/2 |" in card
     assert "HU scale corrected |" not in card  # the headline rows: the first report's only
-    stored = card.index("### HU scale as stored (the default)")
-    corrected = card.index("### HU scale corrected (`validate --correct-hu`)")
+    stored = card.index("### labels.csv, HU scale as stored (the default)")
+    corrected = card.index("### labels.csv, HU scale corrected (`validate --correct-hu`)")
     assert stored < corrected < card.index("**Limits.**")
     assert "4 of 4 images have a shifted HU scale" in card[stored:corrected]
     assert "4 of them corrected (--correct-hu)." in card[corrected:]

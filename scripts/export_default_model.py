@@ -64,7 +64,7 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     # its sections one level below the card's, under a title that says how the scale was read
     title = ("HU scale corrected (`validate --correct-hu`)" if scale else
              "HU scale as stored (the default)")
-    table = f"### {title}\n" + validation.markdown(report).split("\n", 1)[1].replace(
+    table = f"### {Path(report['labels']).name}, {title}\n" + validation.markdown(report).split("\n", 1)[1].replace(
         "\n## ", "\n#### ")
     return rows, table
 
@@ -179,9 +179,9 @@ def _healthy(healthy: str | None) -> str:
 def _real_section(validated) -> str:
     if not validated:
         return ""
-    return ("**Real emphysema** (`emphysema-uad validate` on real HRCT slices with a "
-            "radiologist's pattern and severity; the labels only measure, they never trained or "
-            "tuned anything):\n\n" + "\n".join(table for _, table in validated) + "\n")
+    return ("**Real emphysema** (`emphysema-uad validate` on real labelled HRCT, whole "
+            "slices or ROIs, with a radiologist's pattern and, for slices, severity; the labels "
+            "only measure, they never trained or tuned anything):\n\n" + "\n".join(table for _, table in validated) + "\n")
 
 
 def _without_machine_paths(config: dict) -> dict:

@@ -13,8 +13,8 @@
 # every one of eight seeds; README, "Real emphysema"). Width 16: detect handles a full thorax
 # CT within a minute on 2 cores.
 # Where ../shared/data holds them, the model card reports `validate` on the labelled HRCT
-# slices as stored and with their HU scale corrected (labels measure only; they never train
-# or tune anything) and `detect` on the healthy scans.
+# slices as stored and with their HU scale corrected, and on its labelled ROIs (labels
+# measure only; they never train or tune anything) and `detect` on the healthy scans.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup-env.sh")"
@@ -47,6 +47,10 @@ if [ -f "$labels" ]; then
         -o "$work/validate-corrected"
     measured+=(--validation "$work/validate/report.json"
                --validation "$work/validate-corrected/report.json")
+    # and the labelled ROIs of the same database (README, "ROIs of parenchyma")
+    "$cli" validate "${labels%/*}/patch_labels.csv" --model "$work/finetune/best.pt" \
+        -o "$work/validate-patches"
+    measured+=(--validation "$work/validate-patches/report.json")
 fi
 if [ ${#data[@]} -gt 1 ]; then  # the real CTs, healthy
     rm -rf "$work/healthy"
