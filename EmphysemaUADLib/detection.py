@@ -25,7 +25,7 @@ from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path
 from .progress import NO_PROGRESS, Progress
 from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regions,
                       superior_axis)
-from .roi import ROI, find_lungs
+from .roi import find_lungs, is_roi
 from .staging import Staging
 from .volume_io import Volume
 
@@ -155,7 +155,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         lungs = timer("lungs", find_lungs, ct)
     if not lungs.any():
         raise InputError(f"{ct.source or 'CT'}: no lung found; is this a chest CT?")
-    roi = bool((lungs == ROI).any())
+    roi = is_roi(lungs)
     if roi:
         if lobes is not None:
             raise InputError(f"{ct.source or 'CT'}: an ROI of parenchyma (no whole lung in "
@@ -201,7 +201,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     if kind == "lobes":  # a lobe of the map that is not in the scanned lungs: "not in scan"
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
-                    detector.device, detector.batch_size, progress, detector.score, roi)
+                    detector.device, detector.batch_size, progress, detector.score)
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:

@@ -25,6 +25,7 @@ from .errors import InputError
 from .intensity import hu_to_unit
 from .progress import NO_PROGRESS, Progress
 from .regions import superior_axis
+from .roi import is_roi
 from .volume_io import Volume
 
 MULTIPLE = 16  # four 2x down-steps
@@ -156,9 +157,10 @@ def _zoom_in_plane(volume: np.ndarray, factors, order: int = 1) -> np.ndarray:
 
 def predict_ct(ct: Volume, lungs: np.ndarray, model: torch.nn.Module, device: torch.device,
                batch_size: int = 8, progress: Progress = NO_PROGRESS,
-               score: str = "anomaly", roi: bool = False) -> np.ndarray:
+               score: str = "anomaly") -> np.ndarray:
     """Voxel scores on the CT's grid (float32; zero outside the lungs), the network seeing
-    axial slices at a pixel size within PIXEL_RANGE_MM (`roi`: see predict_anomaly)."""
+    axial slices at a pixel size within PIXEL_RANGE_MM (an ROI's lung labels, roi.py: whole
+    slices mirrored at their edges, see predict_anomaly)."""
     axis, _ = superior_axis(ct.geometry)
     order = (axis, *[a for a in range(3) if a != axis])
     hu, mask = np.transpose(ct.array, order), np.transpose(lungs > 0, order)
@@ -167,7 +169,8 @@ def predict_ct(ct: Volume, lungs: np.ndarray, model: torch.nn.Module, device: to
     if resampled:
         hu = _zoom_in_plane(hu, factors)
         mask = _zoom_in_plane(mask, factors) > 0.5
-    scores = predict_anomaly(hu, mask, model, device, batch_size, progress, score, roi)
+    scores = predict_anomaly(hu, mask, model, device, batch_size, progress, score,
+                             is_roi(lungs))
     if resampled:  # back to the CT's in-plane grid, exactly its shape
         target = np.transpose(lungs, order).shape
         scores = ndimage.zoom(scores, (1.0, target[1] / scores.shape[1],

@@ -116,7 +116,7 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
              + (" (ROI)" if roi else " (partial scan)" if whole.partial else "")
              + f", emphysema index {whole.emphysema_index_percent:.2f} %")
     subtitle = f"Regions: {kind}. Views through the worst region: {region}."
-    outlines = ([("ROI lung outline", OUTLINE_COLORS[ROI])] if result.region_kind == "roi"
+    outlines = ([("ROI lung outline", OUTLINE_COLORS[ROI])] if roi
                 else [("right lung outline", OUTLINE_COLORS[1]),
                       ("left lung outline", OUTLINE_COLORS[2])])
     legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill")] + [

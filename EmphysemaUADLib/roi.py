@@ -28,6 +28,11 @@ AIR_HU = -985.0  # a lung part whose median lies below this is air, not parenchy
 MAX_VESSEL_MM2 = 80.0  # enclosed holes up to this cross-section (10 mm across) are vessels
 
 
+def is_roi(lungs: np.ndarray) -> bool:
+    """Whether a lung label map is an ROI's (find_lungs)."""
+    return bool((lungs == ROI).any())
+
+
 def find_lungs(ct: Volume) -> np.ndarray:
     """Lung labels of a CT (right 1, left 2; lungs.py), or of an ROI (ROI, see the module
     docstring); all zero where neither is found."""

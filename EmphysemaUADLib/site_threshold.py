@@ -33,7 +33,7 @@ from .measurements import lung_noise_hu
 from .process import stop_requested
 from .progress import NO_PROGRESS, Progress
 from .regions import superior_axis
-from .roi import ROI, find_lungs
+from .roi import find_lungs
 from .staging import DEFAULT_CUTPOINTS
 from .volume_io import read_ct
 
@@ -142,7 +142,7 @@ def lung_scores(path, detector: Detector, progress: Progress = NO_PROGRESS, warn
     if not lungs.any():
         raise InputError("no lung found; is this a chest CT?")
     anomaly = predict_ct(ct, lungs, detector.model, detector.device, detector.batch_size,
-                         progress, detector.score, bool((lungs == ROI).any()))
+                         progress, detector.score)
     return anomaly[lungs > 0], lung_noise_hu(ct.array, lungs, superior_axis(ct.geometry)[0])
 
 

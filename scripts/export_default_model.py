@@ -64,8 +64,8 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     # its sections one level below the card's, under a title that says how the scale was read
     title = ("HU scale corrected (`validate --correct-hu`)" if scale else
              "HU scale as stored (the default)")
-    table = f"### {Path(report['labels']).name}, {title}\n" + validation.markdown(report).split("\n", 1)[1].replace(
-        "\n## ", "\n#### ")
+    body = validation.markdown(report).split("\n", 1)[1].replace("\n## ", "\n#### ")
+    table = f"### {Path(report['labels']).name}, {title}\n{body}"
     return rows, table
 
 
@@ -161,8 +161,8 @@ are in the README ("Results").
 says what it finds and what it misses. The real HRCT slices it was checked on read a HU scale
 shifted by about +77 HU (air outside the body -920 HU); each table above says whether it
 scored them as stored or with the shift taken off. `detect` measures every scan's scale and
-`--correct-hu` takes a shift off (README, "HU scale"). On a sharp lung kernel the heart border and vessel edges raise the emphysema
-index of a healthy scan.{_healthy(healthy)} Its threshold, \
+`--correct-hu` takes a shift off (README, "HU scale"). On a sharp lung kernel the heart
+border and vessel edges raise the emphysema index of a healthy scan.{_healthy(healthy)} Its threshold, \
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),
 or fine-tune the model on them (`emphysema-uad train --init-from bundled`), and check it on
@@ -181,7 +181,8 @@ def _real_section(validated) -> str:
         return ""
     return ("**Real emphysema** (`emphysema-uad validate` on real labelled HRCT, whole "
             "slices or ROIs, with a radiologist's pattern and, for slices, severity; the labels "
-            "only measure, they never trained or tuned anything):\n\n" + "\n".join(table for _, table in validated) + "\n")
+            "only measure, they never trained or tuned anything):\n\n"
+            + "\n".join(table for _, table in validated) + "\n")
 
 
 def _without_machine_paths(config: dict) -> dict:
