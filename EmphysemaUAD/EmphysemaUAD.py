@@ -975,13 +975,17 @@ class EmphysemaUADTest(ScriptedLoadableModuleTest):
         anomaly = np.zeros(ct.shape, np.float32)
         anomaly[ct.shape[0] // 2, 40:50, 30:40] = 0.9
         emphysema = (anomaly > 0.5).astype(np.uint8)
+        lungs = np.zeros(ct.shape, np.uint8)
+        lungs[ct.shape[0] // 2, 30:60, 20:50] = 1
         rows = [{"region": "whole lung", "volume_ml": 1.0, "emphysema_index_percent": 2.0,
                  "laa950_percent": 1.0, "perc15_hu": -900.0, "mean_anomaly": 0.1,
                  "stage": "Mild", "stage_probabilities": {"Mild": 1.0}}]
-        nodes = mrml.arrays_to_nodes(ctNode, emphysema, anomaly, Measurements.from_dicts(rows),
-                                     "zones")
+        nodes = mrml.arrays_to_nodes(ctNode, emphysema, lungs, anomaly,
+                                     Measurements.from_dicts(rows), "zones")
         self.assertTrue(np.array_equal(mrml.segment_array(nodes.segmentation, ctNode),
                                        emphysema))
+        self.assertTrue(np.array_equal(mrml.segment_array(nodes.segmentation, ctNode,
+                                                          "Right lung"), lungs))
         self.assertEqual(nodes.table.GetColumnTitle("emphysema_index_percent"),
                          "Emphysema index")
         self.assertEqual(nodes.table.GetColumnUnitLabel("emphysema_index_percent"), "%")

@@ -34,6 +34,8 @@ from .errors import InputError
 from .volume_io import Geometry, Volume
 
 RIGHT, LEFT = 1, 2
+ROI = 3  # the lung of an ROI of parenchyma (roi.py): neither the right nor the left lung
+LUNG_NAMES = {RIGHT: "right lung", LEFT: "left lung", ROI: "ROI lung"}
 AIR_HU = -500.0
 PADDING_HU = -1500.0        # below: outside the scanner's field of view (-2048, -3024 ...)
 COARSE_MM = 2.0             # in-plane spacing of the coarse grid
@@ -62,6 +64,12 @@ _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 _IN_PLANE_8 = np.zeros((3, 3, 3), bool)
 _IN_PLANE_8[1] = True
+
+
+def lung_legend(lungs: np.ndarray) -> dict[int, str]:
+    """{label: name} of the lung labels present in `lungs`."""
+    counts = np.bincount(np.asarray(lungs, np.uint8).ravel(), minlength=len(LUNG_NAMES) + 1)
+    return {value: name for value, name in LUNG_NAMES.items() if counts[value]}
 
 
 def segment_lungs(ct: Volume) -> np.ndarray:

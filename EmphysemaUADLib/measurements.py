@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .regions import LEFT, RIGHT
+from .lungs import LEFT, LUNG_NAMES, RIGHT
 
 LAA_THRESHOLD_HU = -950.0
 
@@ -178,8 +178,8 @@ class Measurements:
 def region_masks(lungs: np.ndarray, regions: np.ndarray, legend: dict[int, str]):
     """(name, mask) for the whole lung, each lung, then each region of the legend."""
     yield "whole lung", lungs > 0  # then the LUNG_ROWS
-    yield "right lung", lungs == RIGHT
-    yield "left lung", lungs == LEFT
+    yield LUNG_NAMES[RIGHT], lungs == RIGHT
+    yield LUNG_NAMES[LEFT], lungs == LEFT
     for value, name in sorted(legend.items()):
         yield name, regions == value
 

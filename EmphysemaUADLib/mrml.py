@@ -19,8 +19,10 @@ from vtk.util import numpy_support
 
 from .errors import InputError
 from .atomic import atomic_path
+from .lungs import LEFT, LUNG_NAMES, RIGHT, ROI, lung_legend
 from .measurements import COLUMN, COLUMNS, Measurements
 from .regions import LOBES, lobe_from_name, lobe_mapping, relabel
+from .render import OUTLINE_COLORS
 from .staging import STAGES
 from .volume_io import Geometry, Volume, looks_like_hu, write_volume
 
@@ -231,8 +233,9 @@ def write_detection_inputs(ct_node, folder, lobes_node=None) -> tuple[Path, Path
 
 def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=None,
                                table=None) -> OutputNodes:
-    """Nodes from the files `detect` wrote for one case (emphysema.nii.gz, anomaly_map.nii.gz,
-    report.json); the arrays are placed on the CT node's own grid (see `arrays_to_nodes`)."""
+    """Nodes from the files `detect` wrote for one case (emphysema.nii.gz, lungs.nii.gz,
+    anomaly_map.nii.gz, report.json); the arrays are placed on the CT node's own grid (see
+    `arrays_to_nodes`)."""
     import json
 
     import SimpleITK as sitk
@@ -244,9 +247,10 @@ def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=Non
     if not report_path.is_file():
         raise InputError(f"{case_dir}: holds no detection result (report.json).")
     report = json.loads(report_path.read_text())
-    emphysema = read_labels(case_dir / "emphysema.nii.gz").array.astype(np.uint8)
+    emphysema, lungs = (read_labels(case_dir / name).array.astype(np.uint8)
+                        for name in ("emphysema.nii.gz", "lungs.nii.gz"))
     anomaly_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "anomaly_map.nii.gz")))
-    return arrays_to_nodes(ct_node, emphysema, anomaly_map,
+    return arrays_to_nodes(ct_node, emphysema, lungs, anomaly_map,
                            Measurements.from_dicts(report["regions"]), report["region_kind"],
                            segmentation, anomaly, table)
 
@@ -278,6 +282,13 @@ EMPHYSEMA_TERMINOLOGY = (
     "~SCT^39607008^Lung"
     "~^^")
 TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
+# The lungs as measured, from Slicer's own DICOM master list: type Lung, modifier the side
+_LUNG_TERMINOLOGY = ("Segmentation category and type - DICOM master list"
+                     "~SCT^123037004^Anatomical Structure~SCT^39607008^Lung~{}"
+                     "~Anatomic codes - DICOM master list~^^~^^")
+LUNG_TERMINOLOGY = {RIGHT: _LUNG_TERMINOLOGY.format("SCT^24028007^Right"),
+                    LEFT: _LUNG_TERMINOLOGY.format("SCT^7771000^Left"),
+                    ROI: _LUNG_TERMINOLOGY.format("^^")}
 
 
 def _check_grid(array: np.ndarray, ct_node) -> None:
@@ -287,25 +298,44 @@ def _check_grid(array: np.ndarray, ct_node) -> None:
                          f"{ct_node.GetName()} (shape {dims})")
 
 
-def _fill_segmentation(node, emphysema: np.ndarray, ct_node) -> None:
-    node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
-    parent = ct_node.GetParentTransformNode()
-    node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
-    segmentation = node.GetSegmentation()
-    segmentation.RemoveAllSegments()
+def _add_segment(node, mask: np.ndarray, ct_node, name: str, color, terminology: str) -> str:
     labelmap = slicer.vtkOrientedImageData()
-    labelmap.SetDimensions(emphysema.shape[2], emphysema.shape[1], emphysema.shape[0])
-    data = np.ascontiguousarray(emphysema, dtype=np.uint8).ravel()
+    labelmap.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    data = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
     labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
         data, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
     m = vtk.vtkMatrix4x4()
     ct_node.GetIJKToRASMatrix(m)
     labelmap.SetImageToWorldMatrix(m)
-    segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, EMPHYSEMA_SEGMENT,
-                                                                 EMPHYSEMA_COLOR)
-    segmentation.GetSegment(segment_id).SetTag(TERMINOLOGY_TAG, EMPHYSEMA_TERMINOLOGY)
+    segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, name, color)
+    node.GetSegmentation().GetSegment(segment_id).SetTag(TERMINOLOGY_TAG, terminology)
+    return segment_id
+
+
+def lung_segment_name(label: int) -> str:
+    name = LUNG_NAMES[label]
+    return name[0].upper() + name[1:]
+
+
+def _fill_segmentation(node, emphysema: np.ndarray, lungs: np.ndarray, ct_node) -> None:
+    """The "Emphysema" segment, then one segment per lung as measured, shown as outlines in
+    the slice views and hidden in 3D so that they frame the emphysema without covering it."""
+    node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    parent = ct_node.GetParentTransformNode()
+    node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+    node.GetSegmentation().RemoveAllSegments()
+    _add_segment(node, emphysema, ct_node, EMPHYSEMA_SEGMENT, EMPHYSEMA_COLOR,
+                 EMPHYSEMA_TERMINOLOGY)
+    lung_ids = [_add_segment(node, lungs == label, ct_node, lung_segment_name(label),
+                             tuple(c / 255.0 for c in OUTLINE_COLORS[label]),
+                             LUNG_TERMINOLOGY[label])
+                for label in lung_legend(lungs)]
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    for segment_id in lung_ids:
+        display.SetSegmentVisibility2DFill(segment_id, False)
+        display.SetSegmentVisibility3D(segment_id, False)
 
 
 def column_header(name: str) -> tuple[str, str, str]:
@@ -351,19 +381,20 @@ def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
 def result_to_nodes(result: "CaseResult", ct_node, segmentation=None, anomaly=None,
                     table=None) -> OutputNodes:
     """Write a detection result into nodes; see `arrays_to_nodes`."""
-    return arrays_to_nodes(ct_node, result.emphysema, result.anomaly, result.measurements,
+    return arrays_to_nodes(ct_node, result.emphysema, result.lungs, result.anomaly,
+                           result.measurements,
                            result.region_kind, segmentation, anomaly, table)
 
 
-def arrays_to_nodes(ct_node, emphysema: np.ndarray, anomaly_map: np.ndarray,
+def arrays_to_nodes(ct_node, emphysema: np.ndarray, lungs: np.ndarray, anomaly_map: np.ndarray,
                     measurements: Measurements, region_kind: str, segmentation=None,
                     anomaly=None, table=None) -> OutputNodes:
     """Detection outputs on the CT's grid into nodes (given ones are reused, missing ones
-    created): an "Emphysema" segment, the anomaly map with a heat colour table, the
+    created): an "Emphysema" segment and the lungs' segments, the anomaly map with a heat colour table, the
     measurement table. Volumes share the input's IJK-to-RAS matrix and parent transform;
     all are put under the input's study in the subject hierarchy."""
-    _check_grid(emphysema, ct_node)
-    _check_grid(anomaly_map, ct_node)
+    for array in (emphysema, lungs, anomaly_map):
+        _check_grid(array, ct_node)
     scene = ct_node.GetScene()
     base = ct_node.GetName()
     if segmentation is None:
@@ -375,7 +406,7 @@ def arrays_to_nodes(ct_node, emphysema: np.ndarray, anomaly_map: np.ndarray,
     if table is None:
         table = scene.AddNewNodeByClass("vtkMRMLTableNode",
                                         scene.GenerateUniqueName(f"{base} emphysema table"))
-    _fill_segmentation(segmentation, emphysema, ct_node)
+    _fill_segmentation(segmentation, emphysema, lungs, ct_node)
     _set_array(anomaly, anomaly_map.astype(np.float32), reference=ct_node)
     if anomaly.GetDisplayNode() is None:
         anomaly.CreateDefaultDisplayNodes()

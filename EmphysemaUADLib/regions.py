@@ -14,10 +14,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .lungs import LEFT, RIGHT
 from .progress import NO_PROGRESS, Progress
 from .volume_io import Geometry, Volume, is_volume_file, read_labels, to_image
 
-RIGHT, LEFT = 1, 2
 ZONES = {
     1: "right upper zone", 2: "right middle zone", 3: "right lower zone",
     4: "left upper zone", 5: "left middle zone", 6: "left lower zone",

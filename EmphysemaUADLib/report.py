@@ -15,10 +15,10 @@ from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
 from .detection import CaseResult, Detector
 from .inference import precision
+from .lungs import lung_legend
 from .measurements import COMPLETE, NOISE_WARN_HU, NOT_IN_SCAN, SUMMARY_KEYS, noisy
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
-from .roi import ROI
 from .volume_io import write_volume
 
 SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS)
@@ -116,11 +116,9 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
              + (" (ROI)" if roi else " (partial scan)" if whole.partial else "")
              + f", emphysema index {whole.emphysema_index_percent:.2f} %")
     subtitle = f"Regions: {kind}. Views through the worst region: {region}."
-    outlines = ([("ROI lung outline", OUTLINE_COLORS[ROI])] if roi
-                else [("right lung outline", OUTLINE_COLORS[1]),
-                      ("left lung outline", OUTLINE_COLORS[2])])
     legend = [(f"emphysema{threshold}", LABEL_COLORS[1], "fill")] + [
-        (name, color, "line") for name, color in outlines]
+        (f"{name} outline", OUTLINE_COLORS[value], "line")
+        for value, name in lung_legend(result.lungs).items()]
     fig = case_overlay(axial, right, pixel, title, subtitle, TABLE_HEADER, rows, highlight,
                        notes, legend, LUNG_WINDOW, (axial_title, right_title), right_top)
     return save_figure(fig, path)
@@ -135,6 +133,7 @@ def write_case(result: CaseResult, detector: Detector, case: str, output_dir: Pa
         g = result.ct.geometry
         write_volume(result.anomaly.astype(np.float32), g, scratch / "anomaly_map.nii.gz")
         write_volume(result.emphysema.astype(np.uint8), g, scratch / "emphysema.nii.gz")
+        write_volume(result.lungs.astype(np.uint8), g, scratch / "lungs.nii.gz")
         write_volume(result.regions.astype(np.uint8), g, scratch / "regions.nii.gz")
         legend = {str(k): {"name": v, **({"code": LOBE_CODES[k]} if LOBES.get(k) == v else {})}
                   for k, v in sorted(result.legend.items())}
@@ -166,6 +165,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
         # the measured HU scale (calibration.py) and whether its shift was taken off
         "hu_calibration": None if result.hu_check is None else {
             **result.hu_check.as_dict(), "corrected": result.hu_corrected},
+        "lung_labels": {str(k): v for k, v in lung_legend(result.lungs).items()},  # lungs.nii.gz
         "region_kind": result.region_kind,
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,

@@ -5,8 +5,9 @@ The CSV names the images and their labels (one row per image):
 - `subject`: who the image belongs to; the 95 % intervals resample subjects, not images,
   because the images of one subject are not independent;
 - at least one of `pattern` (`normal`, or an emphysema subtype: any other word, e.g.
-  centrilobular, paraseptal, panlobular, bullous; compared in lower case), `severity` (an
-  integer 0-5, 0 = no emphysema) and `stage` (None, Mild, Moderate, Severe);
+  centrilobular, paraseptal, panlobular, bullous; compared in lower case; PATTERN_ALIASES
+  are read as the names they stand for, e.g. NT as normal, CLE as centrilobular), `severity`
+  (an integer 0-5, 0 = no emphysema) and `stage` (None, Mild, Moderate, Severe);
 - any other columns (e.g. `level`), which are carried into cases.csv.
 Rows are numbered as in a spreadsheet: the header is row 1.
 
@@ -50,6 +51,10 @@ from .staging import STAGES
 SEVERITY_STAGES = {0: "None", 1: "Mild", 2: "Mild", 3: "Moderate", 4: "Moderate", 5: "Severe"}
 LABEL_COLUMNS = ("pattern", "severity", "stage")
 NORMAL = "normal"
+# the abbreviations of the literature (e.g. the LBP emphysema database: NT, CLE, PSE) and
+# other words for normal, read as the names the reports use
+PATTERN_ALIASES = {"nt": NORMAL, "healthy": NORMAL, "none": NORMAL, "no emphysema": NORMAL,
+                   "cle": "centrilobular", "pse": "paraseptal", "ple": "panlobular"}
 SENSITIVITY_SEVERITY = 2  # "staged above None" is counted over images of at least this severity
 LAA_THRESHOLDS_HU = (-950.0, -910.0)
 DEFAULT_BOOTSTRAP = 2000
@@ -126,6 +131,11 @@ class Labels:
                                   if c.pattern not in (None, NORMAL)))
 
 
+def _pattern(text: str) -> str:
+    word = text.lower()
+    return PATTERN_ALIASES.get(word, word)
+
+
 def _severity(text: str, where: str) -> int:
     try:
         value = float(text)
@@ -194,7 +204,7 @@ def read_labels(path) -> Labels:
             raise InputError(f"{where}: image {values['file']} is already listed in row "
                              f"{seen[key]}.")
         seen[key] = row
-        pattern = values["pattern"].lower() if "pattern" in labels else None
+        pattern = _pattern(values["pattern"]) if "pattern" in labels else None
         severity = _severity(values["severity"], where) if "severity" in labels else None
         stage = _stage(values["stage"], where) if "stage" in labels else None
         if pattern == NORMAL and severity:
@@ -291,16 +301,10 @@ def _from_results(case: LabelledCase, folder: Path, progress) -> tuple[dict, dic
     shift, was_corrected = hu.get("shift_hu"), bool(hu.get("corrected"))
     if was_corrected:  # the HU scale `detect` segmented and measured on
         ct = corrected(ct, HuCheck(hu.get("air_hu"), hu.get("fat_hu"), shift))
-    lungs = None
-    regions_path = folder / case.name / "regions.nii.gz"
-    if report.get("region_kind") == "zones" and regions_path.is_file():
-        # zones cover the whole lung mask: their union is the mask `detect` measured
-        zones = read_label_map(regions_path, "regions").array > 0
-        volume, reported = np.count_nonzero(zones) * ct.geometry.voxel_ml, float(
-            whole["volume_ml"])
-        if zones.shape == ct.shape and abs(volume - reported) <= 0.01 + 1e-3 * reported:
-            lungs = zones
-    if lungs is None:
+    lungs_path = folder / case.name / "lungs.nii.gz"
+    if lungs_path.is_file():  # the lungs `detect` measured
+        lungs = read_label_map(lungs_path, "lungs").array > 0
+    else:  # results of a version that did not write them
         lungs = find_lungs(ct) > 0
     return {**whole, "anomaly_score": anomaly_score,
             "lung_noise_hu": report.get("lung_noise_hu"), "hu_shift_hu": shift,

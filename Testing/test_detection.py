@@ -115,7 +115,7 @@ def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe)
 
     folder = out / "severe"
     ct = read_ct(cases / "severe.nii.gz")
-    for name in ("anomaly_map", "emphysema", "regions"):
+    for name in ("anomaly_map", "emphysema", "lungs", "regions"):
         image = sitk.ReadImage(str(folder / f"{name}.nii.gz"))
         assert image.GetSize() == ct.shape[::-1]
         assert np.allclose(image.GetSpacing(), ct.geometry.spacing)
@@ -131,6 +131,14 @@ def test_cli_batch_writes_every_output_and_survives_a_bad_case(tmp_path, severe)
     assert (folder / "overlay.png").stat().st_size > 10_000
     legend = json.loads((folder / "regions.json").read_text())
     assert {v["name"] for v in legend.values()} == set(ZONE_NAMES)
+    # lungs.nii.gz holds the lungs measured: its voxels make up each lung's volume
+    assert report["lung_labels"] == {"1": "right lung", "2": "left lung"}
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "lungs.nii.gz")))
+    voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000.0
+    volumes = {r["region"]: r["volume_ml"] for r in report["regions"]}
+    for label, name in report["lung_labels"].items():
+        assert np.count_nonzero(lungs == int(label)) * voxel_ml == pytest.approx(volumes[name],
+                                                                               abs=0.005)
 
 
 def test_bad_options_are_refused(tmp_path, capsys):

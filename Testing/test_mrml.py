@@ -220,7 +220,38 @@ def test_result_nodes_overlay_the_input(app, tmp_path):
     again = mrml.result_to_nodes(result, ct_node, out.segmentation, out.anomaly, out.table)
     assert (again.segmentation, again.anomaly, again.table) == \
         (out.segmentation, out.anomaly, out.table)
-    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == 2  # emphysema, lung
+
+
+def test_the_lungs_measured_are_outlined_segments(app):
+    """Beside "Emphysema", one segment per lung as measured, coded Lung with its side,
+    drawn as an outline in the slice views and hidden in 3D."""
+    ct_node = mrml.volume_to_node(chest_like(), app.scene, "CT")
+    result = fake_result(mrml.volume_from_node(ct_node))
+    lungs = result.lungs.copy()
+    lungs[:, :, lungs.shape[2] // 2:] *= 2  # the image's left half: the left lung
+    result.lungs = lungs
+    out = mrml.result_to_nodes(result, ct_node)
+    segmentation = out.segmentation.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName()
+             for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Emphysema", "Right lung", "Left lung"]
+    display = out.segmentation.GetDisplayNode()
+    for label, name, side in ((1, "Right lung", "24028007^Right"),
+                              (2, "Left lung", "7771000^Left")):
+        np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node, name),
+                                      lungs == label)
+        segment_id = segmentation.GetSegmentIdBySegmentName(name)
+        entry = slicer.vtkSlicerTerminologyEntry()
+        tag = terminology_of(segmentation.GetSegment(segment_id))
+        assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(tag, entry)
+        assert entry.GetTypeObject().GetCodeValue() == "39607008"  # Lung
+        assert f"~SCT^{side}~" in tag
+        assert not display.GetSegmentVisibility2DFill(segment_id)
+        assert display.GetSegmentVisibility2DOutline(segment_id)
+        assert not display.GetSegmentVisibility3D(segment_id)
+    emphysema_id = segmentation.GetSegmentIdBySegmentName("Emphysema")
+    assert display.GetSegmentVisibility2DFill(emphysema_id)
 
 
 def test_exports_reload_identical(app, tmp_path):
@@ -370,6 +401,10 @@ def test_background_detection_nodes_equal_the_cli_files(app, tmp_path):
     out = mrml.detection_outputs_to_nodes(case, ct_node)
     cli_labels = read_labels(case / "emphysema.nii.gz").array
     np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node), cli_labels)
+    cli_lungs = read_labels(case / "lungs.nii.gz").array
+    for label, name in ((1, "Right lung"), (2, "Left lung")):
+        np.testing.assert_array_equal(mrml.segment_array(out.segmentation, ct_node, name),
+                                      cli_lungs == label)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.anomaly),
                                   sitk.GetArrayFromImage(sitk.ReadImage(
                                       str(case / "anomaly_map.nii.gz"))))

@@ -18,7 +18,7 @@ from EmphysemaUADLib.errors import InputError
 from EmphysemaUADLib.inference import predict_anomaly
 from EmphysemaUADLib.measurements import NOT_IN_SCAN
 from EmphysemaUADLib.roi import ROI, find_lungs
-from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct, write_volume
+from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct, read_labels, write_volume
 
 PATCHES = SHARED_DATA / "emphysema-hrct-slices" / "patch_labels.csv"
 PIXEL = 0.8
@@ -55,6 +55,17 @@ def test_the_lung_of_an_roi_is_its_lung_density_part_vessels_included():
     assert not lungs[0, :, :10].any()  # the chest wall
     assert lungs[0, 24, 30]  # the vessel, enclosed by lung
     assert lungs[0, :, 14:].all()
+
+
+def test_an_roi_of_air_is_a_bulla_and_is_measured(detector):
+    """A labelled cohort's ROI of a bulla or destroyed lung is air; it is measured, not
+    refused as holding no lung (which stopped a whole `validate` run)."""
+    hu = roi_image()
+    hu[:, :, 12:] = np.random.default_rng(3).normal(-995.0, 15.0, hu[:, :, 12:].shape)
+    result = detect_case(as_volume(hu), detector, warn=False)
+    assert result.region_kind == "roi"
+    assert result.lungs[0, :, 14:].all() and not result.lungs[0, :, :10].any()
+    assert result.measurements.whole.laa950_percent > 90
 
 
 def test_an_roi_is_measured_as_a_whole_lung_without_sides(detector):
@@ -139,7 +150,14 @@ def test_detect_writes_an_roi_report(tmp_path):
                  "--device", "cpu", "--progress", "none"]) == 0
     rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert rows[0]["case"] == "p" and float(rows[0]["volume_ml"]) > 0
-    assert (tmp_path / "out" / "p" / "overlay.png").stat().st_size > 0
+    case = tmp_path / "out" / "p"
+    assert (case / "overlay.png").stat().st_size > 0
+    assert json.loads((case / "report.json").read_text())["lung_labels"] == {"3": "ROI lung"}
+    lungs = read_labels(case / "lungs.nii.gz").array
+    assert set(np.unique(lungs)) == {0, ROI}
+    volume_ml = float(rows[0]["volume_ml"])
+    assert np.count_nonzero(lungs) * PIXEL * PIXEL * 1.25 / 1000.0 == pytest.approx(volume_ml,
+                                                                                   abs=0.01)
 
 
 @pytest.mark.skipif(not PATCHES.is_file(), reason=f"{PATCHES} not found (../shared/data)")

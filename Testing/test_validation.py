@@ -77,6 +77,17 @@ def test_labels_are_read_with_the_reference_stage_from_the_severity(tiny):
     assert [c.name for c in labels.cases] == ["n1", "e1", "n2", "e2", "n3", "e3"]
 
 
+def test_pattern_abbreviations_are_read_as_what_they_stand_for(tmp_path):
+    text = "file,subject,pattern\n" + "".join(
+        f"{f},s{i},{p}\n" for i, (f, p) in enumerate(zip(TINY_FILES,
+                                                         ("NT", "CLE", "Healthy", "PSE",
+                                                          "none", "PLE"))))
+    labels = v.read_labels(write_csv(tmp_path, text, TINY_FILES))
+    assert [c.pattern for c in labels.cases] == ["normal", "centrilobular", "normal",
+                                                 "paraseptal", "normal", "panlobular"]
+    assert [c.emphysema for c in labels.cases] == [False, True] * 3
+
+
 def test_every_score_metric_by_hand(tiny):
     result = v.compute_metrics(*tiny, n_boot=0)
     assert [r["key"] for r in result["metrics"]] == ["auroc", "auroc:centrilobular",
@@ -368,6 +379,16 @@ def test_validate_from_a_detect_results_folder_gives_the_same_scores(validated, 
     for a, b in zip(first, again["cases"]):
         for key in ("score_anomaly_score", "score_model_ei", "score_laa950", "score_laa910",
                     "score_perc15", "model_stage", "lung_noise_hu"):
+            assert a[key] == b[key], key
+
+    # results of a version that wrote no lungs.nii.gz: the lungs are found again, the same
+    for lungs in detected.glob("*/lungs.nii.gz"):
+        lungs.unlink()
+    assert main(["validate", str(labels), "--results", str(detected), "-o",
+                 str(tmp_path / "older"), "--progress", "none", "--bootstrap", "0"]) == 0
+    older = json.loads((tmp_path / "older" / "report.json").read_text())["cases"]
+    for a, b in zip(first, older):
+        for key in ("score_laa950", "score_laa910", "score_perc15"):
             assert a[key] == b[key], key
 
     # a case without results: its row is named and nothing is written
