@@ -382,17 +382,18 @@ def result_to_nodes(result: "CaseResult", ct_node, segmentation=None, anomaly=No
                     table=None) -> OutputNodes:
     """Write a detection result into nodes; see `arrays_to_nodes`."""
     return arrays_to_nodes(ct_node, result.emphysema, result.lungs, result.anomaly,
-                           result.measurements,
-                           result.region_kind, segmentation, anomaly, table)
+                           result.measurements, result.region_kind, segmentation, anomaly,
+                           table)
 
 
 def arrays_to_nodes(ct_node, emphysema: np.ndarray, lungs: np.ndarray, anomaly_map: np.ndarray,
                     measurements: Measurements, region_kind: str, segmentation=None,
                     anomaly=None, table=None) -> OutputNodes:
     """Detection outputs on the CT's grid into nodes (given ones are reused, missing ones
-    created): an "Emphysema" segment and the lungs' segments, the anomaly map with a heat colour table, the
-    measurement table. Volumes share the input's IJK-to-RAS matrix and parent transform;
-    all are put under the input's study in the subject hierarchy."""
+    created): an "Emphysema" segment and the lungs' segments (`lungs`: lung labels), the
+    anomaly map with a heat colour table, the measurement table. Volumes share the input's
+    IJK-to-RAS matrix and parent transform; all are put under the input's study in the
+    subject hierarchy."""
     for array in (emphysema, lungs, anomaly_map):
         _check_grid(array, ct_node)
     scene = ct_node.GetScene()

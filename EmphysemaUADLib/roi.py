@@ -7,9 +7,10 @@ them. An image no larger than ROI_MAX_EXTENT_MM along any axis, in which the seg
 finds no lung, is measured as an ROI instead: its lung is the part at lung density (below
 PARENCHYMA_HU after smoothing over SMOOTH_MM; vessels enclosed by it included), of unknown
 side (label ROI). A part that is mostly air is measured too: in an image this small it is a
-bulla or destroyed lung, not the air around a body. The network sees the whole image, mirrored at its edges (inference.py): framed by
-air, as the lungs' box of a whole CT is, the 90 labelled HRCT patches of ../shared/data
-ranked worse (AUROC normal vs emphysema over their lung part 0.93, mirrored 1.00).
+bulla or destroyed lung, not the air around a body. The network sees the whole image,
+mirrored at its edges (inference.py): framed by air, as the lungs' box of a whole CT is, the
+90 labelled HRCT patches of ../shared/data ranked worse (AUROC normal vs emphysema over their
+lung part 0.93, mirrored 1.00).
 """
 from __future__ import annotations
 
