@@ -6,11 +6,10 @@ outside the body and no whole lung, so the lung segmentation (lungs.py) finds no
 them. An image no larger than ROI_MAX_EXTENT_MM along any axis, in which the segmentation
 finds no lung, is measured as an ROI instead: its lung is the part at lung density (below
 PARENCHYMA_HU after smoothing over SMOOTH_MM; vessels enclosed by it included), of unknown
-side (label ROI). A part that is mostly air is measured too: in an image this small it is a
-bulla or destroyed lung, not the air around a body. The network sees the whole image,
-mirrored at its edges (inference.py): framed by air, as the lungs' box of a whole CT is, the
-90 labelled HRCT patches of ../shared/data ranked worse (AUROC normal vs emphysema over their
-lung part 0.93, mirrored 1.00).
+side (label ROI); a part that is mostly air (median below AIR_HU: -1000 HU and its noise) is
+no lung. The network sees the whole image, mirrored at its edges (inference.py): framed by
+air, as the lungs' box of a whole CT is, the 90 labelled HRCT patches of ../shared/data
+ranked worse (AUROC normal vs emphysema over their lung part 0.93, mirrored 1.00).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from .volume_io import MIN_LUNG_SHARE, PARENCHYMA_HU, Volume, roi_sized
 
 SMOOTH_MM = 1.0  # noise and the finest septa do not split the lung part
 MIN_PIXELS = 16  # in-plane pixels along each side: the network's four 2x down-steps
+AIR_HU = -985.0  # a lung part whose median lies below this is air, not parenchyma
 MAX_VESSEL_MM2 = 80.0  # enclosed holes up to this cross-section (10 mm across) are vessels
 
 
@@ -51,7 +51,8 @@ def roi_lungs(ct: Volume) -> np.ndarray:
     sigma = [0.0 if a == axis else SMOOTH_MM / spacing[a] for a in range(3)]
     lung = ndi.gaussian_filter(ct.array.astype(np.float32), sigma) < PARENCHYMA_HU
     lung &= ct.array > -1500  # not the scan field's padding
-    if lung.mean() < MIN_LUNG_SHARE:
+    # air alone (outside a body, a field of view of nothing) is not a lung to measure
+    if lung.mean() < MIN_LUNG_SHARE or np.median(ct.array[lung]) < AIR_HU:
         return np.zeros(ct.shape, np.uint8)
     # vessels enclosed by lung within a slice (a volume one slice thick has no enclosed 3-D
     # holes) belong to it; larger enclosed tissue does not
