@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bullae import air_level, find_bullae
 from .calibration import HuCheck, check_hu, corrected
 from .checkpoint import load_model, model_file
 from .devices import choose_device
@@ -202,6 +203,9 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
+    # the network leaves the inside of large air spaces unflagged: bullae count by density
+    anomaly[timer("bullae", find_bullae, ct, lungs,
+                  air_level(hu_check, ct is not source))] = 1.0
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
