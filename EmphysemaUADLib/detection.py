@@ -124,6 +124,7 @@ class CaseResult:
     timings: dict[str, float] = field(default_factory=dict)
     hu_check: HuCheck | None = None
     hu_corrected: bool = False  # whether `ct` is the input less hu_check's shift
+    bullae_ml: float = 0.0  # lung air spaces over 1 cm across (bullae.py), in the label map
 
     @property
     def anomaly_score(self) -> float:
@@ -204,8 +205,8 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
     # the network leaves the inside of large air spaces unflagged: bullae count by density
-    anomaly[timer("bullae", find_bullae, ct, lungs,
-                  air_level(hu_check, ct is not source))] = 1.0
+    bullae = timer("bullae", find_bullae, ct, lungs, air_level(hu_check, ct is not source))
+    anomaly[bullae] = 1.0
     emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
@@ -226,4 +227,5 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
 
     rows = timer("measurements", measure_all)
     return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, noise,
-                      timer.timings, hu_check, ct is not source)
+                      timer.timings, hu_check, ct is not source,
+                      round(float(np.count_nonzero(bullae) * ct.geometry.voxel_ml), 2))

@@ -95,6 +95,9 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
         notes.append(f"HU scale shifted by {check.shift_hu:+.0f} HU ({check.describe()}): "
                      + ("taken off before everything here." if result.hu_corrected else
                         "not corrected; densities and the model's input are shifted too."))
+    if result.bullae_ml:
+        notes.append(f"Bullae (air spaces over 1 cm across, found by density): "
+                     f"{result.bullae_ml:.1f} mL, counted as emphysema.")
     if noisy(result.noise_hu):
         notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
                      f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
@@ -166,6 +169,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
         "hu_calibration": None if result.hu_check is None else {
             **result.hu_check.as_dict(), "corrected": result.hu_corrected},
         "lung_labels": {str(k): v for k, v in lung_legend(result.lungs).items()},  # lungs.nii.gz
+        "bullae_ml": result.bullae_ml,
         "region_kind": result.region_kind,
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,

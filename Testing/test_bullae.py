@@ -10,6 +10,7 @@ from EmphysemaUADLib.bullae import air_level, find_bullae
 from EmphysemaUADLib.calibration import HuCheck
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
+from EmphysemaUADLib.report import report_dict
 from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
 PIXEL = 0.8
@@ -62,10 +63,13 @@ def test_detection_counts_bullae_as_emphysema():
     ball &= lungs == 1
     hu = ct.array.astype(np.float32)
     hu[ball] = -1000.0
-    result = detect_case(Volume(hu, ct.geometry, "bulla"), Detector.load(None, "cpu"),
-                         lungs=lungs, warn=False)
+    detector = Detector.load(None, "cpu")
+    result = detect_case(Volume(hu, ct.geometry, "bulla"), detector, lungs=lungs, warn=False)
     assert (result.anomaly[ball] == 1.0).mean() > 0.9
     assert result.emphysema[ball].mean() > 0.9
+    ball_ml = np.count_nonzero(ball) * ct.geometry.voxel_ml
+    assert 0.9 * ball_ml < result.bullae_ml <= ball_ml + 0.01  # mL to 2 decimals
+    assert report_dict(result, detector, "bulla")["bullae_ml"] == result.bullae_ml
 
 
 @pytest.mark.skipif(not SLICE.is_file(), reason=f"{SLICE} not found (../shared/data)")
