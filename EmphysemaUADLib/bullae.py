@@ -8,8 +8,9 @@ wall, Fleischner glossary), so detection adds the bullae by density: the lung vo
 scan's own air level (smoothed over SMOOTH_MM, within AIR_MARGIN_HU of the air measured
 outside the body, so a shifted HU scale shifts the level with it) in air spaces that hold a
 ball BULLA_DIAMETER_MM across and are walled mostly by lung. Airways in the lung mask are
-narrower: the trachea and main bronchi are left out of it (lungs.py). On the healthy scans of ../shared/data no voxel is
-found (kernel L: 0.01 % of the lung); on the 55 labelled slices only three of severity 2-3.
+narrower: the trachea and main bronchi are left out of it (lungs.py). On the healthy scans
+of ../shared/data no voxel is found (kernel L: 0.01 % of the lung); on the 55 labelled
+slices, three of severity 2-3 hold some.
 """
 from __future__ import annotations
 
