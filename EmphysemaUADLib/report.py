@@ -21,7 +21,7 @@ from .regions import LOBE_CODES, LOBES
 from .render import display_axes
 from .volume_io import write_volume
 
-SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS)
+SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS, "bullae_ml")
 
 
 def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
@@ -192,7 +192,7 @@ def summary_row(case: str, result: CaseResult | None = None, error: str | None =
     if result is not None:
         whole = result.measurements.whole.to_dict()
         row.update({"anomaly_score": result.anomaly_score, **{k: whole[k] for k in SUMMARY_KEYS},
-                    "coverage": whole["coverage"]})
+                    "bullae_ml": result.bullae_ml, "coverage": whole["coverage"]})
         for r in [*result.measurements.lungs, *result.measurements.regions]:
             row[f"stage {r.region}"] = stage_text(r)
     row["error"] = error or ""

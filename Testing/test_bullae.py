@@ -10,7 +10,7 @@ from EmphysemaUADLib.bullae import air_level, find_bullae
 from EmphysemaUADLib.calibration import HuCheck
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
-from EmphysemaUADLib.report import report_dict
+from EmphysemaUADLib.report import report_dict, summary_row
 from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
 PIXEL = 0.8
@@ -70,6 +70,7 @@ def test_detection_counts_bullae_as_emphysema():
     ball_ml = np.count_nonzero(ball) * ct.geometry.voxel_ml
     assert 0.9 * ball_ml < result.bullae_ml <= ball_ml + 0.01  # mL to 2 decimals
     assert report_dict(result, detector, "bulla")["bullae_ml"] == result.bullae_ml
+    assert summary_row("bulla", result)["bullae_ml"] == result.bullae_ml  # the worklist
 
 
 @pytest.mark.skipif(not SLICE.is_file(), reason=f"{SLICE} not found (../shared/data)")
