@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bullae import air_level, find_bullae
+from .density import air_level, find_bullae, lesion_extent
 from .calibration import HuCheck, check_hu, corrected
 from .checkpoint import load_model, model_file
 from .devices import choose_device
@@ -204,10 +204,13 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         measured.update({k: v for k, v in LOBES.items() if k not in legend})
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
-    # the network leaves the inside of large air spaces unflagged: bullae count by density
-    bullae = timer("bullae", find_bullae, ct, lungs, air_level(hu_check, ct is not source))
+    # what the network leaves out, added by density (density.py): the inside of large air
+    # spaces, and the part of each lesion around its flagged core
+    air = air_level(hu_check, ct is not source)
+    bullae = timer("bullae", find_bullae, ct, lungs, air)
     anomaly[bullae] = 1.0
-    emphysema = ((anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
+    emphysema = timer("extent", lesion_extent, (anomaly > detector.threshold) & (lungs > 0),
+                      ct, lungs, air).astype(np.uint8)
 
     def measure_all() -> Measurements:
         rows = []

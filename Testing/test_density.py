@@ -1,13 +1,14 @@
-"""Bullae (bullae.py): lung air spaces more than 1 cm across are found by density, at the
-scan's own air level, and detection counts them as emphysema; airway-sized air is not."""
+"""What detection adds by density (density.py): lung air spaces more than 1 cm across are
+bullae, found at the scan's own air level, and airway-sized air is not; each flag grows over
+its lesion at emphysema density, up to REACH_MM, and nowhere without a flag."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from EmphysemaUADLib.bullae import air_level, find_bullae
 from EmphysemaUADLib.calibration import HuCheck
+from EmphysemaUADLib.density import REACH_MM, air_level, find_bullae, lesion_extent
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
 from EmphysemaUADLib.report import report_dict, summary_row
@@ -80,3 +81,34 @@ def test_a_real_bulla_is_counted():
     result = detect_case(read_ct(SLICE), Detector.load(None, "cpu"), warn=False)
     assert result.measurements.whole.emphysema_index_percent > 15.0
     assert result.measurements.whole.stage == "Moderate"
+
+
+def test_a_flag_grows_over_its_lesion_at_emphysema_density_and_no_further():
+    """A flagged core in a dark (-975 HU) patch grows over the patch, up to REACH_MM; a dark
+    patch without a flag stays out, and so does lung at -900 HU (dark, not emphysema)."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-850.0, 15.0, (1, 80, 140)).astype(np.float32)
+    yy, xx = np.mgrid[:80, :140]
+    lesion = (yy - 40) ** 2 + (xx - 30) ** 2 <= (4.0 / PIXEL) ** 2  # 8 mm across
+    band = (abs(yy - 40) <= 2) & (xx >= 60) & (xx < 130)  # a long dark band
+    alone = (yy - 15) ** 2 + (xx - 100) ** 2 <= (4.0 / PIXEL) ** 2
+    hu[0][lesion | band | alone] = -975.0
+    hu[0][60:75, 20:50] = -900.0
+    lungs = np.ones(hu.shape, np.uint8)
+    geometry = Geometry((PIXEL, PIXEL, 1.25), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ct = Volume(hu, geometry, "slice")
+    flags = np.zeros(hu.shape, bool)
+    flags[0, 39:42, 29:32] = True  # the lesion's core
+    flags[0, 39:42, 60:63] = True  # the band's first pixels
+    flags[0, 65, 30] = True  # one pixel of the dark lung
+    grown = lesion_extent(flags, ct, lungs)
+    inner = (yy - 40) ** 2 + (xx - 30) ** 2 <= (3.0 / PIXEL) ** 2  # less the smoothed rim
+    assert grown[0][inner].all()
+    reach = np.flatnonzero(grown[0, 40])
+    assert reach.max() <= 62 + REACH_MM / PIXEL + 1  # along the band: REACH_MM at most
+    assert not grown[0][alone].any()
+    assert grown[0, 60:75, 20:50].sum() == 1  # -900 HU: only the flag itself
+    # the same on a scale shifted by +80 HU, at that scan's air level
+    shifted = Volume(hu + np.float32(80.0), geometry, "slice")
+    assert not lesion_extent(flags, shifted, lungs)[0][inner].all()
+    np.testing.assert_array_equal(lesion_extent(flags, shifted, lungs, air_hu=-920.0), grown)
