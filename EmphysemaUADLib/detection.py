@@ -124,7 +124,7 @@ class CaseResult:
     timings: dict[str, float] = field(default_factory=dict)
     hu_check: HuCheck | None = None
     hu_corrected: bool = False  # whether `ct` is the input less hu_check's shift
-    bullae_ml: float = 0.0  # lung air spaces over 1 cm across (bullae.py), in the label map
+    bullae_ml: float = 0.0  # lung air spaces over 1 cm across (density.py), in the label map
 
     @property
     def anomaly_score(self) -> float:
