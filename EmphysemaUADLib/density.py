@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .calibration import AIR_HU, HuCheck
-from .regions import superior_axis
+from .regions import in_plane_cross, in_plane_sigma, superior_axis
 from .volume_io import Volume
 
 BULLA_DIAMETER_MM = 10.0
@@ -53,68 +53,69 @@ def air_level(check: HuCheck | None, corrected: bool) -> float:
     return check.air_hu - (check.shift_hu if corrected and check.shifted else 0.0)
 
 
-def _smoothed(ct: Volume, box) -> np.ndarray:
-    """The CT in `box`, smoothed in-plane over SMOOTH_MM (noise, a sharp kernel's grain)."""
-    axis = superior_axis(ct.geometry)[0]
-    sigma = [0.0 if a == axis else SMOOTH_MM / s for a, s in enumerate(ct.geometry.spacing_zyx)]
-    return ndi.gaussian_filter(ct.array[box].astype(np.float32), sigma)
+class LungDensity:
+    """The CT around the lungs, smoothed in-plane over SMOOTH_MM (noise, a sharp kernel's
+    grain), read against the scan's air level: computed once for bullae and extents. The box
+    is the lungs' and WALL_MM around them, so that what surrounds a bulla is seen (the lungs'
+    end limits its depth, a scan's end does not)."""
 
+    def __init__(self, ct: Volume, lungs: np.ndarray, air_hu: float = AIR_HU):
+        self.shape = ct.shape
+        self.spacing = np.asarray(ct.geometry.spacing_zyx, dtype=float)
+        self.axis = superior_axis(ct.geometry)[0]
+        self.cross = in_plane_cross(ct.geometry)
+        self.air_hu = air_hu
+        self.margin = [int(np.ceil(WALL_MM / s)) + 1 for s in self.spacing]  # voxels
+        found = ndi.find_objects((lungs > 0).astype(np.uint8))
+        self.box = None
+        if found:
+            self.box = tuple(slice(max(s.start - m, 0), s.stop + m)
+                             for s, m in zip(found[0], self.margin))
+            self.inside = lungs[self.box] > 0
+            self.smooth = ndi.gaussian_filter(ct.array[self.box].astype(np.float32),
+                                              in_plane_sigma(ct.geometry, SMOOTH_MM))
 
-def find_bullae(ct: Volume, lungs: np.ndarray, air_hu: float = AIR_HU) -> np.ndarray:
-    """Bool mask of the lung voxels in bullae (see the module docstring)."""
-    spacing = np.asarray(ct.geometry.spacing_zyx, dtype=float)
-    axis = superior_axis(ct.geometry)[0]
-    inside = lungs > 0
-    air = np.zeros(ct.shape, bool)
-    found = ndi.find_objects(inside.astype(np.uint8))
-    if not found:
-        return air
-    # the lungs' box and one voxel of what surrounds them in-plane, so that the pleura limits
-    # a bulla's depth; along the scan axis a scan's end does not (the bulla goes on beyond)
-    box = tuple(s if a == axis else slice(max(s.start - 1, 0), s.stop + 1)
-                for a, s in enumerate(found[0]))
-    spaces, _ = ndi.label((_smoothed(ct, box) < air_hu + AIR_MARGIN_HU) & inside[box])
-    margin = [int(np.ceil(WALL_MM / s)) + 1 for s in spacing]
-    bullae = np.zeros(spaces.shape, bool)
-    for label, where in enumerate(ndi.find_objects(spaces), 1):
-        # only spaces at least a bulla wide in-plane can hold one; the rest are small airways
-        # and noise, and skipping them keeps this fast
-        if where is None or any((where[a].stop - where[a].start) * spacing[a]
-                                < BULLA_DIAMETER_MM for a in range(3) if a != axis):
-            continue
-        # a margin for the wall: the distance to the nearest voxel that is not this space
-        padded = tuple(slice(max(w.start - margin[a], 0), w.stop + margin[a])
-                       for a, w in enumerate(where))
-        space = spaces[padded] == label
-        depth = ndi.distance_transform_edt(space, sampling=spacing)
-        if not (depth >= BULLA_DIAMETER_MM / 2.0).any():  # a bulla's centre lies a radius deep
-            continue
-        wall = ndi.distance_transform_edt(~space, sampling=spacing) <= WALL_MM
-        wall &= ~space
-        if inside[box][padded][wall].mean() >= MIN_LUNG_WALL_SHARE:
-            bullae[padded] |= space
-    air[box] = bullae
-    return air
+    def _whole(self, part: np.ndarray) -> np.ndarray:
+        whole = np.zeros(self.shape, bool)
+        whole[self.box] = part
+        return whole
 
+    def bullae(self) -> np.ndarray:
+        """Bool mask of the lung voxels in bullae (see the module docstring)."""
+        if self.box is None:
+            return np.zeros(self.shape, bool)
+        spaces, _ = ndi.label((self.smooth < self.air_hu + AIR_MARGIN_HU) & self.inside)
+        bullae = np.zeros(spaces.shape, bool)
+        for label, where in enumerate(ndi.find_objects(spaces), 1):
+            # only spaces at least a bulla wide in-plane can hold one; the rest are small
+            # airways and noise, and skipping them keeps this fast
+            if where is None or any((where[a].stop - where[a].start) * self.spacing[a]
+                                    < BULLA_DIAMETER_MM for a in range(3) if a != self.axis):
+                continue
+            # a margin for the wall: the distance to the nearest voxel that is not this space
+            padded = tuple(slice(max(w.start - m, 0), w.stop + m)
+                           for w, m in zip(where, self.margin))
+            space = spaces[padded] == label
+            depth = ndi.distance_transform_edt(space, sampling=self.spacing)
+            if not (depth >= BULLA_DIAMETER_MM / 2.0).any():  # a centre a radius deep
+                continue
+            wall = ndi.distance_transform_edt(~space, sampling=self.spacing) <= WALL_MM
+            wall &= ~space
+            if self.inside[padded][wall].mean() >= MIN_LUNG_WALL_SHARE:
+                bullae[padded] |= space
+        return self._whole(bullae)
 
-def lesion_extent(flags: np.ndarray, ct: Volume, lungs: np.ndarray,
-                  air_hu: float = AIR_HU) -> np.ndarray:
-    """`flags` (bool) grown up to REACH_MM in-plane through connected lung at emphysema
-    density (see the module docstring)."""
-    found = ndi.find_objects(flags.astype(np.uint8))
-    if not found:
-        return flags
-    spacing = ct.geometry.spacing_zyx
-    axis = superior_axis(ct.geometry)[0]
-    steps = {a: int(round(REACH_MM / spacing[a])) for a in range(3) if a != axis}
-    box = tuple(s if a == axis else slice(max(s.start - steps[a], 0), s.stop + steps[a])
-                for a, s in enumerate(found[0]))
-    dense = (_smoothed(ct, box) < air_hu + EMPHYSEMA_MARGIN_HU) & (lungs[box] > 0)
-    # in-plane steps of one pixel: pixels are square in-plane, or nearly
-    step = np.zeros((3, 3, 3), bool)
-    step[tuple(slice(None) if a != axis else 1 for a in range(3))] = \
-        ndi.generate_binary_structure(2, 1)
-    grown = flags.copy()
-    grown[box] = ndi.binary_dilation(flags[box], step, iterations=max(1, min(steps.values())),
-                                     mask=dense | flags[box])
-    return grown
+    def extent(self, flags: np.ndarray) -> np.ndarray:
+        """`flags` (bool, in the lungs) grown up to REACH_MM in-plane through connected lung
+        at emphysema density (see the module docstring)."""
+        if self.box is None or not flags.any():
+            return flags
+        dense = (self.smooth < self.air_hu + EMPHYSEMA_MARGIN_HU) & self.inside
+        # in-plane steps of one pixel: pixels are square in-plane, or nearly
+        steps = min(int(round(REACH_MM / s)) for a, s in enumerate(self.spacing)
+                    if a != self.axis)
+        grown = flags.copy()
+        grown[self.box] = ndi.binary_dilation(flags[self.box], self.cross,
+                                              iterations=max(1, steps),
+                                              mask=dense | flags[self.box])
+        return grown

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .density import air_level, find_bullae, lesion_extent
+from .density import LungDensity, air_level
 from .calibration import HuCheck, check_hu, corrected
 from .checkpoint import load_model, model_file
 from .devices import choose_device
@@ -206,11 +206,12 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                     detector.device, detector.batch_size, progress, detector.score)
     # what the network leaves out, added by density (density.py): the inside of large air
     # spaces, and the part of each lesion around its flagged core
-    air = air_level(hu_check, ct is not source)
-    bullae = timer("bullae", find_bullae, ct, lungs, air)
+    hu_corrected = ct is not source
+    density = timer("density", LungDensity, ct, lungs, air_level(hu_check, hu_corrected))
+    bullae = timer("bullae", density.bullae)
     anomaly[bullae] = 1.0
-    emphysema = timer("extent", lesion_extent, (anomaly > detector.threshold) & (lungs > 0),
-                      ct, lungs, air).astype(np.uint8)
+    emphysema = timer("extent", density.extent,
+                      (anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
     def measure_all() -> Measurements:
         rows = []
@@ -230,5 +231,5 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
 
     rows = timer("measurements", measure_all)
     return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, noise,
-                      timer.timings, hu_check, ct is not source,
+                      timer.timings, hu_check, hu_corrected,
                       round(float(np.count_nonzero(bullae) * ct.geometry.voxel_ml), 2))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from .errors import InputError
 from .lungs import LEFT, RIGHT
@@ -58,6 +59,21 @@ def superior_axis(geometry: Geometry) -> tuple[int, bool]:
     direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
     itk_index = int(np.argmax(np.abs(direction[2])))
     return 2 - itk_index, bool(direction[2, itk_index] > 0)
+
+
+def in_plane_sigma(geometry: Geometry, mm: float) -> list[float]:
+    """Gaussian sigmas (voxels) that smooth over `mm` within axial slices and not across."""
+    axis = superior_axis(geometry)[0]
+    return [0.0 if a == axis else mm / s for a, s in enumerate(geometry.spacing_zyx)]
+
+
+def in_plane_cross(geometry: Geometry) -> np.ndarray:
+    """A 3 x 3 x 3 structure joining voxels to their four neighbours within an axial slice."""
+    axis = superior_axis(geometry)[0]
+    cross = np.zeros((3, 3, 3), bool)
+    cross[tuple(slice(None) if a != axis else 1 for a in range(3))] = \
+        ndi.generate_binary_structure(2, 1)
+    return cross
 
 
 CUT_SHARE = 0.05  # an end slice holding this share of a region's largest cross-section cuts it

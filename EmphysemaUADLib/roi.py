@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .lungs import ROI, segment_lungs
-from .regions import superior_axis
+from .regions import in_plane_cross, in_plane_sigma, superior_axis
 from .volume_io import MIN_LUNG_SHARE, PARENCHYMA_HU, Volume, roi_sized
 
 SMOOTH_MM = 1.0  # noise and the finest septa do not split the lung part
@@ -48,17 +48,15 @@ def roi_lungs(ct: Volume) -> np.ndarray:
     spacing = np.asarray(ct.geometry.spacing_zyx, dtype=float)
     axis = superior_axis(ct.geometry)[0]
     in_plane = [a for a in range(3) if a != axis]
-    sigma = [0.0 if a == axis else SMOOTH_MM / spacing[a] for a in range(3)]
-    lung = ndi.gaussian_filter(ct.array.astype(np.float32), sigma) < PARENCHYMA_HU
+    lung = ndi.gaussian_filter(ct.array.astype(np.float32),
+                               in_plane_sigma(ct.geometry, SMOOTH_MM)) < PARENCHYMA_HU
     lung &= ct.array > -1500  # not the scan field's padding
     # air alone (outside a body, a field of view of nothing) is not a lung to measure
     if lung.mean() < MIN_LUNG_SHARE or np.median(ct.array[lung]) < AIR_HU:
         return np.zeros(ct.shape, np.uint8)
     # vessels enclosed by lung within a slice (a volume one slice thick has no enclosed 3-D
     # holes) belong to it; larger enclosed tissue does not
-    structure = np.zeros((3, 3, 3), bool)
-    structure[tuple(slice(None) if a != axis else 1 for a in range(3))] = \
-        ndi.generate_binary_structure(2, 1)
+    structure = in_plane_cross(ct.geometry)
     holes, count = ndi.label(ndi.binary_fill_holes(lung, structure) & ~lung, structure)
     if count:
         pixel_mm2 = float(np.prod(spacing[in_plane]))

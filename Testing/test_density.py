@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from EmphysemaUADLib.calibration import HuCheck
-from EmphysemaUADLib.density import REACH_MM, air_level, find_bullae, lesion_extent
+from EmphysemaUADLib.density import REACH_MM, LungDensity, air_level
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
 from EmphysemaUADLib.report import report_dict, summary_row
@@ -35,7 +35,7 @@ def lung_slice(air=-1000.0, shift=0.0, holes=((40, 40, 9.0), (40, 100, 3.0)), se
 
 def test_an_air_space_wider_than_a_centimetre_is_a_bulla_an_airway_sized_one_is_not():
     ct, lungs = lung_slice()
-    bullae = find_bullae(ct, lungs)
+    bullae = LungDensity(ct, lungs).bullae()
     assert bullae[0, 40, 40] and bullae[0, 40, 40 + int(8.0 / PIXEL)]  # 18 mm across
     assert not bullae[0, 40, 100]  # 6 mm across: an airway's size
     # all of it but a rim about the smoothing's width (the network flags walls and rims)
@@ -45,13 +45,13 @@ def test_an_air_space_wider_than_a_centimetre_is_a_bulla_an_airway_sized_one_is_
 
 def test_bullae_follow_the_scans_own_air_level():
     ct, lungs = lung_slice(shift=80.0)  # air outside the body reads -920 HU
-    assert not find_bullae(ct, lungs).any()  # nominal air: none this dark
+    assert not LungDensity(ct, lungs).bullae().any()  # nominal air: none this dark
     check = HuCheck(-920.0, -20.0, 80.0)
-    assert find_bullae(ct, lungs, air_level(check, corrected=False))[0, 40, 40]
+    assert LungDensity(ct, lungs, air_level(check, corrected=False)).bullae()[0, 40, 40]
     assert air_level(check, corrected=True) == -1000.0  # the shift taken off: nominal air
     assert air_level(None, corrected=False) == -1000.0  # an ROI: no air to measure
     dark, lungs = lung_slice(air=-940.0)  # dark lung, not air: no bulla
-    assert not find_bullae(dark, lungs).any()
+    assert not LungDensity(dark, lungs).bullae().any()
 
 
 def test_detection_counts_bullae_as_emphysema():
@@ -101,7 +101,7 @@ def test_a_flag_grows_over_its_lesion_at_emphysema_density_and_no_further():
     flags[0, 39:42, 29:32] = True  # the lesion's core
     flags[0, 39:42, 60:63] = True  # the band's first pixels
     flags[0, 65, 30] = True  # one pixel of the dark lung
-    grown = lesion_extent(flags, ct, lungs)
+    grown = LungDensity(ct, lungs).extent(flags)
     inner = (yy - 40) ** 2 + (xx - 30) ** 2 <= (3.0 / PIXEL) ** 2  # less the smoothed rim
     assert grown[0][inner].all()
     reach = np.flatnonzero(grown[0, 40])
@@ -110,5 +110,6 @@ def test_a_flag_grows_over_its_lesion_at_emphysema_density_and_no_further():
     assert grown[0, 60:75, 20:50].sum() == 1  # -900 HU: only the flag itself
     # the same on a scale shifted by +80 HU, at that scan's air level
     shifted = Volume(hu + np.float32(80.0), geometry, "slice")
-    assert not lesion_extent(flags, shifted, lungs)[0][inner].all()
-    np.testing.assert_array_equal(lesion_extent(flags, shifted, lungs, air_hu=-920.0), grown)
+    assert not LungDensity(shifted, lungs).extent(flags)[0][inner].all()
+    np.testing.assert_array_equal(LungDensity(shifted, lungs, air_hu=-920.0).extent(flags),
+                                  grown)
