@@ -22,6 +22,13 @@ CT of ../shared/data darkened as by a deep inspiration (Perc15 -918 HU) reads a 
 index of 0.21 % from the flags alone, 0.42 % with 3 mm of reach, 0.49 % with 5 mm (the
 radius of the largest centrilobular lesions) and 1.2 % without a bound; 3 mm keeps it well
 inside None.
+
+Destroyed tissue. A flag counts only where the lung is itself at that density: emphysema
+is lost tissue, and a flag on lung above -950 HU is not a hole. On the healthy scans of
+../shared/data the network's flags lie at -945 to -930 HU in the median (smoothed as above),
+the sharp kernel's darkened parenchyma and the dark fringes it draws beside vessels; on the
+labelled emphysema slices at the air level itself (99 % within 60 HU of it). Where the scan's
+air could not be measured (an ROI) its scale is unknown, and no flag is taken away.
 """
 from __future__ import annotations
 
@@ -45,26 +52,28 @@ WALL_MM = 6.0
 MIN_LUNG_WALL_SHARE = 0.5
 
 
-def air_level(check: HuCheck | None, corrected: bool) -> float:
+def air_level(check: HuCheck | None, corrected: bool) -> float | None:
     """The HU of air in the CT as detection sees it: the air measured outside the body (less
-    the scale's shift when that was taken off), else nominal air."""
+    the scale's shift when that was taken off); None where none was measured."""
     if check is None or check.air_hu is None:
-        return AIR_HU
+        return None
     return check.air_hu - (check.shift_hu if corrected and check.shifted else 0.0)
 
 
 class LungDensity:
     """The CT around the lungs, smoothed in-plane over SMOOTH_MM (noise, a sharp kernel's
-    grain), read against the scan's air level: computed once for bullae and extents. The box
-    is the lungs' and WALL_MM around them, so that what surrounds a bulla is seen (the lungs'
-    end limits its depth, a scan's end does not)."""
+    grain), read against the scan's air level (`air_hu`, measured; None: nominal air, and
+    no flag is taken away): computed once for bullae and extents. The box is the lungs' and
+    WALL_MM around them, so that what surrounds a bulla is seen (the lungs' end limits its
+    depth, a scan's end does not)."""
 
-    def __init__(self, ct: Volume, lungs: np.ndarray, air_hu: float = AIR_HU):
+    def __init__(self, ct: Volume, lungs: np.ndarray, air_hu: float | None = None):
         self.shape = ct.shape
         self.spacing = np.asarray(ct.geometry.spacing_zyx, dtype=float)
         self.axis = superior_axis(ct.geometry)[0]
         self.cross = in_plane_cross(ct.geometry)
-        self.air_hu = air_hu
+        self.measured = air_hu is not None
+        self.air_hu = AIR_HU if air_hu is None else air_hu
         self.margin = [int(np.ceil(WALL_MM / s)) + 1 for s in self.spacing]  # voxels
         found = ndi.find_objects((lungs > 0).astype(np.uint8))
         self.box = None
@@ -106,16 +115,15 @@ class LungDensity:
         return self._whole(bullae)
 
     def extent(self, flags: np.ndarray) -> np.ndarray:
-        """`flags` (bool, in the lungs) grown up to REACH_MM in-plane through connected lung
-        at emphysema density (see the module docstring)."""
+        """The emphysema label: `flags` (bool, in the lungs) that lie at emphysema density,
+        each grown up to REACH_MM in-plane through connected lung at that density (see the
+        module docstring)."""
         if self.box is None or not flags.any():
             return flags
         dense = (self.smooth < self.air_hu + EMPHYSEMA_MARGIN_HU) & self.inside
+        seeds = flags[self.box] & dense if self.measured else flags[self.box]
         # in-plane steps of one pixel: pixels are square in-plane, or nearly
         steps = min(int(round(REACH_MM / s)) for a, s in enumerate(self.spacing)
                     if a != self.axis)
-        grown = flags.copy()
-        grown[self.box] = ndi.binary_dilation(flags[self.box], self.cross,
-                                              iterations=max(1, steps),
-                                              mask=dense | flags[self.box])
-        return grown
+        return self._whole(ndi.binary_dilation(seeds, self.cross, iterations=max(1, steps),
+                                               mask=dense | seeds))

@@ -109,8 +109,8 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if result.region_kind == "lobes" and any(r.coverage == NOT_IN_SCAN
                                              for r in result.measurements):
         notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
-    threshold = (f", anomaly probability > {detector.threshold:g} and its lesion's extent"
-                 if detector else "")
+    threshold = (f", anomaly probability > {detector.threshold:g} at emphysema density, "
+                 "grown over its lesion" if detector else "")
     kind = {"zones": "zones (thirds of each lung's height, not lobes)",
             "roi": "an ROI of parenchyma (its part at lung density; no sides)"}.get(
         result.region_kind, result.region_kind)

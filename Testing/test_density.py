@@ -1,6 +1,7 @@
 """What detection adds by density (density.py): lung air spaces more than 1 cm across are
 bullae, found at the scan's own air level, and airway-sized air is not; each flag grows over
-its lesion at emphysema density, up to REACH_MM, and nowhere without a flag."""
+its lesion at emphysema density, up to REACH_MM, and nowhere without a flag; a flag on lung
+above that density is not emphysema where the scan's air level is known."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_bullae_follow_the_scans_own_air_level():
     check = HuCheck(-920.0, -20.0, 80.0)
     assert LungDensity(ct, lungs, air_level(check, corrected=False)).bullae()[0, 40, 40]
     assert air_level(check, corrected=True) == -1000.0  # the shift taken off: nominal air
-    assert air_level(None, corrected=False) == -1000.0  # an ROI: no air to measure
+    assert air_level(None, corrected=False) is None  # an ROI: no air to measure
     dark, lungs = lung_slice(air=-940.0)  # dark lung, not air: no bulla
     assert not LungDensity(dark, lungs).bullae().any()
 
@@ -85,7 +86,8 @@ def test_a_real_bulla_is_counted():
 
 def test_a_flag_grows_over_its_lesion_at_emphysema_density_and_no_further():
     """A flagged core in a dark (-975 HU) patch grows over the patch, up to REACH_MM; a dark
-    patch without a flag stays out, and so does lung at -900 HU (dark, not emphysema)."""
+    patch without a flag stays out, and so does lung at -900 HU (dark, not emphysema): its
+    flag is dropped where the scan's air level was measured, kept (alone) where not."""
     rng = np.random.default_rng(1)
     hu = rng.normal(-850.0, 15.0, (1, 80, 140)).astype(np.float32)
     yy, xx = np.mgrid[:80, :140]
@@ -101,15 +103,18 @@ def test_a_flag_grows_over_its_lesion_at_emphysema_density_and_no_further():
     flags[0, 39:42, 29:32] = True  # the lesion's core
     flags[0, 39:42, 60:63] = True  # the band's first pixels
     flags[0, 65, 30] = True  # one pixel of the dark lung
-    grown = LungDensity(ct, lungs).extent(flags)
+    grown = LungDensity(ct, lungs, air_hu=-1000.0).extent(flags)
     inner = (yy - 40) ** 2 + (xx - 30) ** 2 <= (3.0 / PIXEL) ** 2  # less the smoothed rim
     assert grown[0][inner].all()
     reach = np.flatnonzero(grown[0, 40])
     assert reach.max() <= 62 + REACH_MM / PIXEL + 1  # along the band: REACH_MM at most
     assert not grown[0][alone].any()
-    assert grown[0, 60:75, 20:50].sum() == 1  # -900 HU: only the flag itself
+    assert not grown[0, 60:75, 20:50].any()  # -900 HU: tissue, not a hole
+    unmeasured = LungDensity(ct, lungs).extent(flags)  # an ROI: nothing taken away
+    assert unmeasured[0, 60:75, 20:50].sum() == 1
+    assert unmeasured[grown].all()
     # the same on a scale shifted by +80 HU, at that scan's air level
     shifted = Volume(hu + np.float32(80.0), geometry, "slice")
-    assert not LungDensity(shifted, lungs).extent(flags)[0][inner].all()
+    assert not LungDensity(shifted, lungs, air_hu=-1000.0).extent(flags)[0][inner].any()
     np.testing.assert_array_equal(LungDensity(shifted, lungs, air_hu=-920.0).extent(flags),
                                   grown)

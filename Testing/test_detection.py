@@ -78,11 +78,13 @@ def test_severe_phantom_is_staged_above_none_with_the_right_zones_worst(severe, 
 
 def test_lesions_are_found_where_they_are(severe, severe_result):
     lesions, found = severe.lesions > 0, severe_result.emphysema > 0
-    lungs = severe.lungs > 0
-    # most of what is flagged is lesion, and much of the lesion volume is flagged
+    # most of what is flagged is lesion, and much of the lesion volume at emphysema density
+    # is flagged (the phantoms' lesions also count lung that keeps up to half its tissue,
+    # which detect does not call emphysema: density.py)
+    destroyed = lesions & (severe.lungs > 0) & (severe.ct.array < -950.0)
     precision = np.count_nonzero(found & lesions) / max(np.count_nonzero(found), 1)
-    recall = np.count_nonzero(found & lesions) / np.count_nonzero(lesions & lungs)
-    assert precision > 0.6 and recall > 0.3, (precision, recall)
+    recall = np.count_nonzero(found & destroyed) / np.count_nonzero(destroyed)
+    assert precision > 0.9 and recall > 0.4, (precision, recall)
 
 
 def test_healthy_phantom_is_none_everywhere(detector):
