@@ -164,8 +164,8 @@ def test_real_ct_is_none_in_every_region(detector):
 @requires_shared
 def test_real_ct_at_a_deeper_inspiration_stays_none(detector):
     # 2/3 of the tissue fraction: Perc15 -877 -> -918 HU, as healthy lungs reach at full
-    # inspiration; the whole lung stays None (0.42 %; the lower zones and the left middle
-    # zone cross 0.5 %, Mild, as the flags grow over dark lung: density.LungDensity.extent)
+    # inspiration; the whole lung stays None (0.39 %; the two lower zones cross 0.5 %, Mild,
+    # as the flags grow over dark lung: density.LungDensity.extent)
     ct = read_ct(SHARED_DATA / "chest-ct-dicom")
     darker = Volume(scale_lung_density(ct.array, 2 / 3), ct.geometry, ct.source)
     result = detect_case(darker, detector)
