@@ -4,10 +4,13 @@ The anomaly probabilities a model gives healthy lung depend on the scanner and i
 the bundled model's 99.9th percentile of healthy lung voxels is 0.06-0.13 on the HRCT slices
 of one scanner, 0.53 on a thin-slice thorax CT, 0.78 and 0.89 on one scan with a standard and
 a sharp kernel. A fixed threshold of 0.5 then misses subtle emphysema on the first and lies
-in the healthy tail of the last. Setting the threshold from a site's healthy CTs makes a
-healthy lung of that site read about (100 - percentile) % emphysema index: 0.1 % at the
-default 99.9th percentile, a fifth of the 0.5 % cut-point of stage None, which leaves room
-for the spread between healthy scans. No emphysema label is used, only scans the site calls
+in the healthy tail of the last. Setting the threshold from a site's healthy CTs leaves
+about (100 - percentile) % of a healthy lung of that site above it: 0.1 % at the default
+99.9th percentile, a fifth of the 0.5 % cut-point of stage None, which leaves room for the
+spread between healthy scans. Its emphysema index is at most that: `detect` counts only the
+flags on lung at emphysema density (density.py). Scoring only those voxels here was tried:
+on healthy scans of standard kernels fewer than 0.1 % of the lung's voxels are at that
+density, so the percentile fell to the lowest threshold, and the network no longer chose. No emphysema label is used, only scans the site calls
 healthy.
 
 The result is a copy of the model whose config carries the threshold ("threshold", which
