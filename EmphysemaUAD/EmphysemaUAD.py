@@ -134,7 +134,7 @@ class EmphysemaUADParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     runInBackground: bool = True
     # take a shifted HU scale's shift off (air and fat both off by the same amount)
-    correctHu: bool = False
+    correctHu: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     outputAnomaly: vtkMRMLScalarVolumeNode
     outputTable: vtkMRMLTableNode

@@ -182,10 +182,12 @@ def _add_detect(sub) -> None:
 
 
 def _add_correct_hu(p) -> None:
-    p.add_argument("--correct-hu", action="store_true",
+    p.add_argument("--correct-hu", action=argparse.BooleanOptionalAction, default=None,
                    help="take a shifted HU scale's shift off each scan before anything else "
                         "(air outside the body should read -1000 HU, fat about -100; the "
-                        "shift is always measured and reported, and corrected only with this)")
+                        "shift is always measured and reported). The default: corrected, "
+                        "unless the model's site threshold was set on scans as stored; "
+                        "--no-correct-hu keeps every scan's scale as stored")
 
 
 def _add_device(p, batch: bool = False) -> None:

@@ -52,11 +52,11 @@ class Detector:
     threshold: float
     staging: Staging
     batch_size: int
-    correct_hu: bool = False  # take a shifted HU scale's shift off (calibration.py)
+    correct_hu: bool = True  # take a shifted HU scale's shift off (calibration.py)
 
     @classmethod
     def load(cls, model_path=None, device="auto", threshold=None, staging=None,
-             batch_size=None, correct_hu=False) -> "Detector":
+             batch_size=None, correct_hu: bool | None = None) -> "Detector":
         path = model_file(model_path) if model_path else default_model_path()
         dev = choose_device(device)
         model, config = load_model(path, device=dev)
@@ -66,8 +66,8 @@ class Detector:
             raise setting_error("threshold", f"must lie between 0 and 1 (got {threshold}).")
         if batch_size is None:
             batch_size = default_batch_size(dev)
-        # a site threshold set on corrected scans holds on corrected scans only
-        correct_hu = correct_hu or bool((config.get("site_threshold") or {}).get("correct_hu"))
+        if correct_hu is None:  # a site threshold holds on scans read as it read its own
+            correct_hu = bool((config.get("site_threshold") or {}).get("correct_hu", True))
         if batch_size < 1:
             raise setting_error("batch_size", f"must be at least 1 (got {batch_size}).")
         return cls(model, config, str(path), dev, threshold,
@@ -82,14 +82,16 @@ class Detector:
             return ct, check
         name = ct.source or "CT"
         if self.correct_hu:
-            progress.log(f"{name}: {check.describe()}; the HU scale's shift of "
-                         f"{check.shift_hu:+.0f} HU is taken off (--correct-hu).")
+            progress.log(f"{name}: {check.describe()}, not -1000 and about -100: the HU "
+                         f"scale's shift of {check.shift_hu:+.0f} HU is taken off "
+                         "(--no-correct-hu, or \"Correct the HU scale\" unticked in Slicer, "
+                         "keeps it).", "warning" if warn else "info")
             return corrected(ct, check), check
         if warn:
             progress.log(f"{name}: {check.describe()}, not -1000 and about -100: the HU scale "
-                         f"seems shifted by {check.shift_hu:+.0f} HU, which shifts every "
-                         "density measure and what the model sees; --correct-hu (or "
-                         "\"Correct the HU scale\" in Slicer) takes it off.", "warning")
+                         f"seems shifted by {check.shift_hu:+.0f} HU and is kept as stored "
+                         "(--no-correct-hu), which shifts every density measure and what the "
+                         "model sees.", "warning")
         return ct, check
 
     def off_site_noise(self, noise_hu: float | None) -> str | None:

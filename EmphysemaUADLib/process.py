@@ -66,14 +66,14 @@ def cli_command(args: list[str], python: str | None = None) -> list[str]:
 
 # The worker's arguments and where it writes are built here only, for the GUI and its tests.
 def detect_args(ct, output_dir, lobes=None, model=None, threshold=None,
-                device: str = "auto", correct_hu: bool = False) -> list[str]:
+                device: str = "auto", correct_hu: bool = True) -> list[str]:
     """Arguments of `emphysema-uad detect` for one CT file (the case folder in `output_dir`
     is named after the file: `detect_case_dir`). `threshold` None: the model's own."""
     args = ["detect", str(ct), "--output-dir", str(output_dir), "--device", device]
     args += ["--lobes", str(lobes)] if lobes else []
     args += ["--model", str(model)] if model else []
     args += ["--threshold", str(threshold)] if threshold is not None else []
-    args += ["--correct-hu"] if correct_hu else []
+    args += [] if correct_hu else ["--no-correct-hu"]
     return args
 
 
@@ -100,13 +100,13 @@ SITE_MODEL_NAME = "site_model.pt"  # what the panel names the copy with a site's
 
 
 def site_threshold_args(healthy, output, model=None, device: str = "auto",
-                        correct_hu: bool = False) -> list[str]:
+                        correct_hu: bool = True) -> list[str]:
     """Arguments of `emphysema-uad site-threshold`: a copy of `model` (None: the bundled
     one) at `output` whose threshold is set from the healthy CTs in `healthy` (on their
-    corrected HU scale with `correct_hu`)."""
+    corrected HU scale with `correct_hu`, as stored without)."""
     args = ["site-threshold", str(healthy), "--output", str(output), "--device", device]
     return args + (["--model", str(model)] if model else []) + (
-        ["--correct-hu"] if correct_hu else [])
+        [] if correct_hu else ["--no-correct-hu"])
 
 
 def training_outputs(output) -> tuple[Path, Path]:

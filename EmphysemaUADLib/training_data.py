@@ -216,7 +216,8 @@ def case_slices(case: Path, size: int, progress: Progress = NO_PROGRESS) -> _Cas
     if check.shifted:  # trained on as it is: the model then learns this scale
         progress.log(f"{case}: {check.describe()}; its HU scale seems shifted by "
                      f"{check.shift_hu:+.0f} HU and is used as it is. Train on scans of one "
-                     "scale, and detect with the same choice of --correct-hu.", "warning")
+                     "scale, and detect with --no-correct-hu, which keeps the scale as "
+                     "training did (detect corrects it by default).", "warning")
     lungs = segment_lungs(ct) > 0
     area = lungs.sum(axis=(1, 2))
     if area.max(initial=0) == 0:

@@ -665,9 +665,9 @@ def hu_scale_text(cases: list[dict]) -> str | None:
     return (f"{len(shifted)} of {len(cases)} images have a shifted HU scale (air outside the "
             f"body {-1000 + float(np.median(shifted)):.0f} HU in the median; hu_shift_hu in "
             "cases.csv); "
-            + (f"{done} of them corrected (--correct-hu)." if done else
-               "their densities and the model's input are shifted too: "
-               "--correct-hu takes the shift off."))
+            + (f"{done} of them corrected (the default; --no-correct-hu keeps them)."
+               if done else "kept as stored (--no-correct-hu): their densities and the "
+               "model's input are shifted too."))
 
 
 def threshold_text(model: dict) -> str:
@@ -815,7 +815,7 @@ def write_outputs(report: dict, output_dir) -> list[Path]:
 def validate(labels_path, output_dir, model=None, results=None, device="auto",
              n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, progress: Progress = NO_PROGRESS,
              site_folds_n: int | None = None, percentile: float | None = None,
-             correct_hu: bool = False) -> tuple[dict, list[Path]]:
+             correct_hu: bool | None = None) -> tuple[dict, list[Path]]:
     """Everything `emphysema-uad validate` does: read and check the CSV, score every image
     (with `site_folds_n`, at the site threshold of its subject's fold: SiteFolds), compute
     the metrics, write the outputs. Nothing is written when anything fails first."""
@@ -828,9 +828,9 @@ def validate(labels_path, output_dir, model=None, results=None, device="auto",
         raise InputError("--site-folds and --results exclude each other: the folds' "
                          "thresholds need the network's scores, which a results folder "
                          "holds already thresholded.")
-    if results is not None and correct_hu:
-        raise InputError("--correct-hu and --results exclude each other: the detect run that "
-                         "wrote the results decided (its report.json says).")
+    if results is not None and correct_hu is not None:
+        raise InputError("--correct-hu / --no-correct-hu and --results exclude each other: the "
+                         "detect run that wrote the results decided (its report.json says).")
     if percentile is not None and site_folds_n is None:
         raise InputError("--percentile sets the threshold of --site-folds; give both.")
     if results is not None and not Path(results).is_dir():

@@ -77,8 +77,9 @@ def test_a_field_of_view_border_at_minus_1024_is_not_air(phantom):
     assert abs(check.air_hu + 1000) <= 10 and not check.shifted
 
 
-def test_detection_warns_and_corrects_only_when_asked(phantom):
+def test_detection_corrects_by_default_and_says_so_either_way(phantom):
     detector = Detector.load(device="cpu")
+    assert detector.correct_hu
     ct = shifted(phantom.ct, 80.0)
     messages = []
 
@@ -86,10 +87,14 @@ def test_detection_warns_and_corrects_only_when_asked(phantom):
         def log(self, message, level="info"):
             messages.append((level, message))
 
-    plain = detect_case(ct, detector, progress=Recorder("none"))
+    plain = detect_case(ct, Detector.load(device="cpu", correct_hu=False),
+                        progress=Recorder("none"))
     assert plain.hu_check.shifted and not plain.hu_corrected
-    assert any(level == "warning" and "--correct-hu" in m for level, m in messages)
-    fixed = detect_case(ct, dataclasses.replace(detector, correct_hu=True))
+    assert any(level == "warning" and "kept as stored" in m for level, m in messages)
+    messages.clear()
+    fixed = detect_case(ct, detector, progress=Recorder("none"))
+    assert any(level == "warning" and "taken off" in m and "--no-correct-hu" in m
+               for level, m in messages)
     assert fixed.hu_corrected and abs(float(np.median(fixed.ct.array - phantom.ct.array))) <= 8
     # the densities follow the scale: a lung 80 HU too bright has far less lung below -950
     assert fixed.measurements.whole.laa950_percent > plain.measurements.whole.laa950_percent
@@ -102,7 +107,7 @@ def test_detection_warns_and_corrects_only_when_asked(phantom):
 def test_the_cli_reports_the_check_and_the_correction(phantom, tmp_path):
     write_phantom(dataclasses.replace(phantom, ct=shifted(phantom.ct, 80.0)),
                   tmp_path / "shifted.nii.gz")
-    for flag, name in (([], "plain"), (["--correct-hu"], "fixed")):
+    for flag, name in ((["--no-correct-hu"], "plain"), ([], "fixed")):
         assert main(["detect", str(tmp_path / "shifted.nii.gz"), "-o", str(tmp_path / name),
                      "--device", "cpu", "--progress", "none", *flag]) == 0
     plain = json.loads((tmp_path / "plain/shifted/report.json").read_text())["hu_calibration"]
@@ -111,14 +116,19 @@ def test_the_cli_reports_the_check_and_the_correction(phantom, tmp_path):
     assert fixed["shift_hu"] == plain["shift_hu"] and fixed["corrected"] is True
 
 
-def test_a_site_threshold_set_on_corrected_scans_corrects_at_detection(tmp_path):
+def test_a_site_threshold_reads_scans_as_it_read_its_own_unless_told(tmp_path):
     from EmphysemaUADLib.checkpoint import load_checkpoint, save_checkpoint
 
     bundled = Detector.load(device="cpu")
-    config = {**bundled.config, "site_threshold": {"threshold": 0.3, "correct_hu": True}}
-    path = save_checkpoint(tmp_path / "site.pt", bundled.model.state_dict(), config)
-    assert load_checkpoint(path).config["site_threshold"]["correct_hu"] is True
-    assert Detector.load(path, device="cpu").correct_hu
+    for corrected in (True, False):
+        config = {**bundled.config,
+                  "site_threshold": {"threshold": 0.3, "correct_hu": corrected}}
+        path = save_checkpoint(tmp_path / f"site{corrected}.pt", bundled.model.state_dict(),
+                               config)
+        assert load_checkpoint(path).config["site_threshold"]["correct_hu"] is corrected
+        assert Detector.load(path, device="cpu").correct_hu is corrected
+        assert Detector.load(path, device="cpu", correct_hu=not corrected).correct_hu is \
+            (not corrected)
 
 
 @requires_shared
@@ -139,8 +149,10 @@ def test_validate_refuses_correct_hu_with_earlier_results(tmp_path):
     (tmp_path / "results").mkdir()
     labels = tmp_path / "labels.csv"
     labels.write_text("file,subject,pattern\na.nii.gz,s1,normal\n")
-    with pytest.raises(InputError, match="--correct-hu and --results"):
-        validate(labels, tmp_path / "out", results=tmp_path / "results", correct_hu=True)
+    for choice in (True, False):
+        with pytest.raises(InputError, match="--no-correct-hu and --results"):
+            validate(labels, tmp_path / "out", results=tmp_path / "results",
+                     correct_hu=choice)
     assert not (tmp_path / "out").exists()
 
 

@@ -103,14 +103,15 @@ def test_the_card_shows_each_validation_under_how_it_read_the_hu_scale(tmp_path)
                                          "gate": True, "detach_fusion": False},
               "training": TRAINING, "intensity_window": [-1000, 400], "threshold": 0.5}
     validated = [export.real_data(_validation_report(tmp_path, config, corrected), config)
-                 for corrected in (False, True)]
+                 for corrected in (True, False)]
     card = export.model_card(config, 10, "train", 1.0, validated)
     assert "| real HRCT AUROC normal vs emphysema (hrct) | 1.00" in card
     assert "| real HRCT normal staged None | 2/2 |" in card
-    assert "HU scale corrected |" not in card  # the headline rows: the first report's only
-    stored = card.index("### labels.csv, HU scale as stored (the default)")
-    corrected = card.index("### labels.csv, HU scale corrected (`validate --correct-hu`)")
-    assert stored < corrected < card.index("**Limits.**")
-    assert "4 of 4 images have a shifted HU scale" in card[stored:corrected]
-    assert "4 of them corrected (--correct-hu)." in card[corrected:]
-    assert "#### Model stage" in card[stored:corrected]
+    assert "HU scale as stored |" not in card  # the headline rows: the first report's only
+    corrected = card.index("### labels.csv, HU scale corrected where shifted (the default)")
+    stored = card.index("### labels.csv, HU scale as stored (`validate --no-correct-hu`)")
+    assert corrected < stored < card.index("**Limits.**")
+    assert "4 of 4 images have a shifted HU scale" in card[stored:]
+    assert "4 of them corrected (the default; --no-correct-hu keeps them)." in \
+        card[corrected:stored]
+    assert "#### Model stage" in card[corrected:stored]

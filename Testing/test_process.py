@@ -100,8 +100,8 @@ def test_detect_arguments():
     assert args[args.index("--model") + 1] == "/m/best.pt"
     assert args[args.index("--threshold") + 1] == "0.4"
     assert args[args.index("--device") + 1] == "auto"
-    assert "--correct-hu" not in args
-    assert detect_args("/t/ct.nrrd", "/t/out", correct_hu=True)[-1] == "--correct-hu"
+    assert "--no-correct-hu" not in args  # a shifted scale is corrected by default
+    assert detect_args("/t/ct.nrrd", "/t/out", correct_hu=False)[-1] == "--no-correct-hu"
 
 
 def test_worker_imports_the_library_from_any_folder(tmp_path):

@@ -109,10 +109,10 @@ def test_site_threshold_args_parse_and_leave_the_bundled_model_as_default():
     args = build_parser().parse_args(process.site_threshold_args("d", out, None, "cpu"))
     assert (args.healthy, args.output, args.model, args.device) == (["d"], str(out), None,
                                                                    "cpu")
-    assert not args.correct_hu
+    assert args.correct_hu is None  # the default: corrected
     args = build_parser().parse_args(process.site_threshold_args("d", out, "m.pt",
-                                                                  correct_hu=True))
-    assert args.model == "m.pt" and args.correct_hu
+                                                                  correct_hu=False))
+    assert args.model == "m.pt" and args.correct_hu is False
 
 
 def test_a_site_threshold_is_named_in_the_panel():

@@ -186,9 +186,10 @@ def test_the_report_says_how_the_hu_scale_was_read(tiny):
     shifted = [{"hu_shift_hu": 80.0, "hu_corrected": False}] * 2 + calibrated[:1]
     text = v.markdown({**report, "cases": shifted})
     assert "2 of 3 images have a shifted HU scale (air outside the body -920 HU" in text
-    assert "--correct-hu takes the shift off" in text
+    assert "kept as stored (--no-correct-hu)" in text
     corrected = [{**case, "hu_corrected": True} for case in shifted[:2]] + calibrated[:1]
-    assert "2 of them corrected (--correct-hu)." in v.markdown({**report, "cases": corrected})
+    assert "2 of them corrected (the default; --no-correct-hu keeps them)." in v.markdown(
+        {**report, "cases": corrected})
 
 
 # --- bad labels ------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
     metrics = {row["key"]: row for row in report["metrics"]["metrics"]}
     staging = {row["key"]: row for row in report["metrics"]["staging"]["metrics"]}
     name = Path(report["labels"]).parent.name
-    scale = ", HU scale corrected" if _corrected(report) else ""
+    stored = _stored(report)
+    scale = ", HU scale as stored" if stored else ""
     overall = metrics["auroc"]["values"]["anomaly_score"]
     sensitivity = staging["sensitivity"]
     specificity = staging["specificity"]
@@ -62,15 +63,17 @@ def real_data(report: dict, config: dict) -> tuple[list[tuple[str, str]], str]:
             (f"real HRCT normal staged None{scale}",
              f"{specificity['count']}/{specificity['of']}")]
     # its sections one level below the card's, under a title that says how the scale was read
-    title = ("HU scale corrected (`validate --correct-hu`)" if scale else
-             "HU scale as stored (the default)")
+    title = ("HU scale as stored (`validate --no-correct-hu`)" if stored else
+             "HU scale corrected where shifted (the default)")
     body = validation.markdown(report).split("\n", 1)[1].replace("\n## ", "\n#### ")
     table = f"### {Path(report['labels']).name}, {title}\n{body}"
     return rows, table
 
 
-def _corrected(report: dict) -> bool:
-    return any(case.get("hu_corrected") for case in report["cases"])
+def _stored(report: dict) -> bool:
+    """Whether the report read shifted scans on their shifted scale (--no-correct-hu)."""
+    return any(case.get("hu_shift_hu") and not case.get("hu_corrected")
+               for case in report["cases"])
 
 
 def healthy_scans(folder, config: dict) -> str:
@@ -161,7 +164,7 @@ are in the README ("Results").
 says what it finds and what it misses. The real HRCT slices it was checked on read a HU scale
 shifted by about +77 HU (air outside the body -920 HU); each table above says whether it
 scored them as stored or with the shift taken off. `detect` measures every scan's scale and
-`--correct-hu` takes a shift off (README, "HU scale"). On a sharp lung kernel the heart
+takes a shift off (README, "HU scale"; `--no-correct-hu` keeps it). On a sharp lung kernel the heart
 border and vessel edges raise the emphysema index of a healthy scan.{_healthy(healthy)} Its threshold, \
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),

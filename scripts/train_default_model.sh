@@ -42,11 +42,11 @@ measured=()
 labels="$shared/emphysema-hrct-slices/labels.csv"
 if [ -f "$labels" ]; then
     "$cli" validate "$labels" --model "$work/finetune/best.pt" -o "$work/validate"
-    # and with the slices' shifted HU scale taken off (README, "HU scale")
-    "$cli" validate "$labels" --model "$work/finetune/best.pt" --correct-hu \
-        -o "$work/validate-corrected"
+    # and with the slices' shifted HU scale kept as stored (README, "HU scale")
+    "$cli" validate "$labels" --model "$work/finetune/best.pt" --no-correct-hu \
+        -o "$work/validate-stored"
     measured+=(--validation "$work/validate/report.json"
-               --validation "$work/validate-corrected/report.json")
+               --validation "$work/validate-stored/report.json")
     # and the labelled ROIs of the same database (README, "ROIs of parenchyma")
     "$cli" validate "${labels%/*}/patch_labels.csv" --model "$work/finetune/best.pt" \
         -o "$work/validate-patches"
