@@ -323,7 +323,7 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         return mrml.lobes_with_totalsegmentator(totalSegmentatorLogic, ctNode)
 
     def detect(self, ctNode, lobesNode=None, modelPath=None, threshold=None, device="auto",
-               outputs=(None, None, None), progress=None, correctHu=False):
+               outputs=(None, None, None), progress=None, correctHu=True):
         """Detection in this process; returns the output nodes (mrml.OutputNodes)."""
         from EmphysemaUADLib import mrml
         from EmphysemaUADLib.detection import Detector, detect_case
@@ -337,7 +337,7 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         return mrml.result_to_nodes(result, ctNode, *outputs)
 
     def startBackgroundDetection(self, ctNode, lobesNode=None, modelPath=None, threshold=None,
-                                 device="auto", correctHu=False):
+                                 device="auto", correctHu=True):
         """Writes the CT (and lobes) to a temporary folder and starts `detect` on it; returns
         (process, folder). `backgroundDetectionNodes` turns the finished folder into nodes."""
         import shutil

@@ -24,7 +24,7 @@ from .inference import BOX_MARGIN
 from .progress import NO_PROGRESS, Progress
 from .volume_io import _dirs_with_files, _holds_dicom, is_volume_file, read_ct
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shifted HU scales corrected
 AIR_HU = -1000
 HU_RANGE = (-1024, 3071)  # 12-bit CT; outside-field padding (-2048, -3024) becomes -1024
 MIN_LUNG_PIXELS = 64  # a slice needs this much lung ...
@@ -206,18 +206,18 @@ def _fit(image: np.ndarray, size: int, fill) -> np.ndarray:
 
 
 def case_slices(case: Path, size: int, progress: Progress = NO_PROGRESS) -> _CaseSlices:
-    """The lung slices of one CT, cropped to its lung box and fitted to size x size (a
-    shifted HU scale is warned about, not corrected)."""
-    from .calibration import check_hu
+    """The lung slices of one CT, cropped to its lung box and fitted to size x size, on the
+    corrected HU scale (calibration.py), as `detect` reads scans by default."""
+    from .calibration import check_hu, corrected
     from .lungs import segment_lungs
 
     ct = read_ct(case, progress)
     check = check_hu(ct)
-    if check.shifted:  # trained on as it is: the model then learns this scale
-        progress.log(f"{case}: {check.describe()}; its HU scale seems shifted by "
-                     f"{check.shift_hu:+.0f} HU and is used as it is. Train on scans of one "
-                     "scale, and detect with --no-correct-hu, which keeps the scale as "
-                     "training did (detect corrects it by default).", "warning")
+    if check.shifted:  # the model learns the true scale, which detect reads by default
+        progress.log(f"{case}: {check.describe()}; its HU scale's shift of "
+                     f"{check.shift_hu:+.0f} HU is taken off, as detect does unless told "
+                     "--no-correct-hu.", "warning")
+        ct = corrected(ct, check)
     lungs = segment_lungs(ct) > 0
     area = lungs.sum(axis=(1, 2))
     if area.max(initial=0) == 0:

@@ -43,8 +43,6 @@ for k in 0 1; do
         --init-from "$model" --epochs 1 --steps-per-epoch 60 --batch-size 16 \
         --patch-size 144 --lr 2e-4 --anomaly-loss bce --val-slices 32 --seed $((k + 1))
     mapfile -t images < "$work/fold$((1 - k))_images.txt"
-    # on the scale the network was fine-tuned on: training reads scans as stored
-    "$cli" detect "${images[@]}" --model "$run/last.pt" -o "$work/detect" --progress none \
-        --no-correct-hu
+    "$cli" detect "${images[@]}" --model "$run/last.pt" -o "$work/detect" --progress none
 done
 "$cli" validate "$labels" --results "$work/detect" -o "$work/validate"
