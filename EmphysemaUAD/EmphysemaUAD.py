@@ -328,13 +328,15 @@ class EmphysemaUADLogic(ScriptedLoadableModuleLogic):
         from EmphysemaUADLib import mrml
         from EmphysemaUADLib.detection import Detector, detect_case
         from EmphysemaUADLib.progress import NO_PROGRESS
+        from EmphysemaUADLib.report import case_notes
 
         ct = mrml.volume_from_node(ctNode)
         detector = Detector.load(modelPath, device, threshold, correct_hu=correctHu)
         with tempfile.TemporaryDirectory(prefix="EmphysemaUAD-") as tmp:
             lobes = mrml.write_lobes(lobesNode, ctNode, tmp) if lobesNode else None
             result = detect_case(ct, detector, lobes=lobes, progress=progress or NO_PROGRESS)
-        return mrml.result_to_nodes(result, ctNode, *outputs)
+        return mrml.result_to_nodes(result, ctNode, *outputs,
+                                    notes=case_notes(result, detector))
 
     def startBackgroundDetection(self, ctNode, lobesNode=None, modelPath=None, threshold=None,
                                  device="auto", correctHu=True):
@@ -683,6 +685,8 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.detectStatusLabel.setText("Cancelling...")
 
     def showResults(self, ctNode, nodes):
+        from EmphysemaUADLib.mrml import NOTES_ATTRIBUTE
+
         p = self._parameterNode
         p.outputSegmentation, p.outputAnomaly, p.outputTable = \
             nodes.segmentation, nodes.anomaly, nodes.table
@@ -696,8 +700,10 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = whole.GetValueByName(0, "emphysema_index_percent").ToDouble() \
             if whole.GetNumberOfRows() else float("nan")
         self.ui.detectProgressBar.setValue(100)
-        self.ui.detectStatusLabel.setText(f"Whole lung: stage {stage or 'n/a'}, emphysema "
-                                          f"index {index:.2f} %. {self.detectThresholdText}")
+        notes = nodes.table.GetAttribute(NOTES_ATTRIBUTE) or ""
+        self.ui.detectStatusLabel.setText(
+            f"Whole lung: stage {stage or 'n/a'}, emphysema index {index:.2f} %. "
+            f"{self.detectThresholdText}" + "".join(f"\n{line}" for line in notes.splitlines()))
         self.updateButtons()
 
     def finishBackgroundDetection(self):

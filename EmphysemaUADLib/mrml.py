@@ -252,10 +252,11 @@ def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=Non
     anomaly_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "anomaly_map.nii.gz")))
     return arrays_to_nodes(ct_node, emphysema, lungs, anomaly_map,
                            Measurements.from_dicts(report["regions"]), report["region_kind"],
-                           segmentation, anomaly, table)
+                           segmentation, anomaly, table, report.get("notes", ()))
 
 
 # --- results onto nodes -------------------------------------------------------------------
+NOTES_ATTRIBUTE = "EmphysemaUAD.Notes"
 @dataclass
 class OutputNodes:
     segmentation: object
@@ -379,19 +380,20 @@ def _fill_table(node, measurements: Measurements, region_kind: str) -> None:
 
 
 def result_to_nodes(result: "CaseResult", ct_node, segmentation=None, anomaly=None,
-                    table=None) -> OutputNodes:
+                    table=None, notes=()) -> OutputNodes:
     """Write a detection result into nodes; see `arrays_to_nodes`."""
     return arrays_to_nodes(ct_node, result.emphysema, result.lungs, result.anomaly,
                            result.measurements, result.region_kind, segmentation, anomaly,
-                           table)
+                           table, notes)
 
 
 def arrays_to_nodes(ct_node, emphysema: np.ndarray, lungs: np.ndarray, anomaly_map: np.ndarray,
                     measurements: Measurements, region_kind: str, segmentation=None,
-                    anomaly=None, table=None) -> OutputNodes:
+                    anomaly=None, table=None, notes=()) -> OutputNodes:
     """Detection outputs on the CT's grid into nodes (given ones are reused, missing ones
     created): an "Emphysema" segment and the lungs' segments (`lungs`: lung labels), the
-    anomaly map with a heat colour table, the measurement table. Volumes share the input's
+    anomaly map with a heat colour table, the measurement table (with the case's `notes`,
+    report.case_notes, in its NOTES_ATTRIBUTE, one per line). Volumes share the input's
     IJK-to-RAS matrix and parent transform; all are put under the input's study in the
     subject hierarchy."""
     for array in (emphysema, lungs, anomaly_map):
@@ -420,6 +422,7 @@ def arrays_to_nodes(ct_node, emphysema: np.ndarray, lungs: np.ndarray, anomaly_m
     display.SetUpperThreshold(1.0)
     display.SetApplyThreshold(True)
     _fill_table(table, measurements, region_kind)
+    table.SetAttribute(NOTES_ATTRIBUTE, "\n".join(notes))
     place_under_study([segmentation, anomaly, table], ct_node)
     return OutputNodes(segmentation, anomaly, table)
 

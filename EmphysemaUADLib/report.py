@@ -64,30 +64,15 @@ def region_table(result: CaseResult) -> tuple[list[list[str]], list[int]]:
     return rows, highlight
 
 
-def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector | None = None
-                  ) -> Path:
-    from .plots import case_overlay, save_figure
-    from .render import LABEL_COLORS, LUNG_WINDOW, OUTLINE_COLORS, preview_views
-
-    region, z, y = worst_region_view(result)
-    axial, right, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
-                                        coronal_index=y, outline=result.lungs)
-    s_axis = display_axes(result.ct.geometry.direction)[0][0]
-    axial_title = (f"axial (slice {z + 1} of {result.ct.shape[s_axis]}, "
-                   f"{result.ct.geometry.spacing_zyx[s_axis]:g} mm)")
-    right_title, right_top = "coronal (patient right on the left)", "S"
-    if right.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
-        # so the same axial slice without marks, to compare the flagged voxels with the CT
-        right, _, _ = preview_views(result.ct, axial_index=z, coronal_index=y)
-        right_title, right_top = "the same slice, CT only", "A"
-    whole = result.measurements.whole
-    rows, highlight = region_table(result)
+def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str]:
+    """What a reader of the case should know besides its numbers (the overlay's note lines,
+    report.json's "notes", the Slicer status line): ROI or partial scan, a shifted HU scale,
+    bullae, noise, a threshold set on other scans, lobes not scanned."""
     notes = []
-    roi = result.region_kind == "roi"
-    if roi:
+    if result.region_kind == "roi":
         notes.append("An ROI of parenchyma, no whole lung: measured where it is at lung "
                      "density; its scale cannot be checked (no air outside the body).")
-    elif whole.partial:
+    elif result.measurements.whole.partial:
         notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
                      "are partial; their values describe the scanned part only.")
     check = result.hu_check
@@ -109,6 +94,29 @@ def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector 
     if result.region_kind == "lobes" and any(r.coverage == NOT_IN_SCAN
                                              for r in result.measurements):
         notes.append("Lobes 'not in scan': in the lobe map but not in the scanned lungs.")
+    return notes
+
+
+def write_overlay(result: CaseResult, path: Path, case: str, detector: Detector | None = None
+                  ) -> Path:
+    from .plots import case_overlay, save_figure
+    from .render import LABEL_COLORS, LUNG_WINDOW, OUTLINE_COLORS, preview_views
+
+    region, z, y = worst_region_view(result)
+    axial, right, pixel = preview_views(result.ct, labels=result.emphysema, axial_index=z,
+                                        coronal_index=y, outline=result.lungs)
+    s_axis = display_axes(result.ct.geometry.direction)[0][0]
+    axial_title = (f"axial (slice {z + 1} of {result.ct.shape[s_axis]}, "
+                   f"{result.ct.geometry.spacing_zyx[s_axis]:g} mm)")
+    right_title, right_top = "coronal (patient right on the left)", "S"
+    if right.shape[0] < 24:  # a few slices only: the coronal view would be a thin strip,
+        # so the same axial slice without marks, to compare the flagged voxels with the CT
+        right, _, _ = preview_views(result.ct, axial_index=z, coronal_index=y)
+        right_title, right_top = "the same slice, CT only", "A"
+    whole = result.measurements.whole
+    rows, highlight = region_table(result)
+    notes = case_notes(result, detector)
+    roi = result.region_kind == "roi"
     threshold = (f", anomaly probability > {detector.threshold:g} at emphysema density, "
                  "grown over its lesion" if detector else "")
     kind = {"zones": "zones (thirds of each lung's height, not lobes)",
@@ -175,6 +183,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,
         "regions": result.measurements.to_dicts(),
+        "notes": case_notes(result, detector),
         "timings_s": result.timings,
     }
 

@@ -71,7 +71,10 @@ def test_detection_counts_bullae_as_emphysema():
     assert result.emphysema[ball].mean() > 0.9
     ball_ml = np.count_nonzero(ball) * ct.geometry.voxel_ml
     assert 0.9 * ball_ml < result.bullae_ml <= ball_ml + 0.01  # mL to 2 decimals
-    assert report_dict(result, detector, "bulla")["bullae_ml"] == result.bullae_ml
+    report = report_dict(result, detector, "bulla")
+    assert report["bullae_ml"] == result.bullae_ml
+    assert any(note.startswith("Bullae") and f"{result.bullae_ml:.1f} mL" in note
+               for note in report["notes"])  # the overlay's line, and Slicer's status line
     assert summary_row("bulla", result)["bullae_ml"] == result.bullae_ml  # the worklist
 
 

@@ -423,6 +423,11 @@ def test_background_detection_nodes_equal_the_cli_files(app, tmp_path):
     assert rows == [(row["region"], row["stage"] or "") for row in report["regions"]]
     assert {name for name, _ in rows} >= {"whole lung", "right upper lobe", "left lower lobe"}
     assert out.table.GetAttribute("EmphysemaUAD.RegionKind") == "lobes"
+    # the case's notes (the panel's status line) come back as the in-process result has them
+    from EmphysemaUADLib.report import case_notes
+
+    assert report["notes"] == case_notes(result, detector)
+    assert out.table.GetAttribute(mrml.NOTES_ATTRIBUTE) == "\n".join(report["notes"])
 
 
 def test_table_columns_have_titles_units_and_descriptions(app):

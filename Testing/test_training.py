@@ -350,7 +350,8 @@ def test_ddp_two_cpu_processes(healthy, cache_dir, tmp_path):
          "--standalone", "-m", "EmphysemaUADLib", "train", str(healthy), "--output",
          str(tmp_path / "ddp"), "--epochs", "1", "--progress", "json", "--cache-dir",
          str(cache_dir), *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    # a rank's own error comes first; the launcher's summary of it last
+    assert run.returncode == 0, run.stderr[:3000] + "\n...\n" + run.stderr[-1000:]
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     start = next(e for e in lines if e["event"] == "start")
     assert start["world_size"] == 2
