@@ -256,7 +256,9 @@ def detection_outputs_to_nodes(case_dir, ct_node, segmentation=None, anomaly=Non
 
 
 # --- results onto nodes -------------------------------------------------------------------
-NOTES_ATTRIBUTE = "EmphysemaUAD.Notes"
+NOTES_ATTRIBUTE = "EmphysemaUAD.Notes"  # the table node's: the case's notes, one per line
+
+
 @dataclass
 class OutputNodes:
     segmentation: object

@@ -10,8 +10,8 @@ about (100 - percentile) % of a healthy lung of that site above it: 0.1 % at the
 spread between healthy scans. Its emphysema index is at most that: `detect` counts only the
 flags on lung at emphysema density (density.py). Scoring only those voxels here was tried:
 on healthy scans of standard kernels fewer than 0.1 % of the lung's voxels are at that
-density, so the percentile fell to the lowest threshold, and the network no longer chose. No emphysema label is used, only scans the site calls
-healthy.
+density, so the percentile fell to the lowest threshold, and the network no longer chose.
+No emphysema label is used, only scans the site calls healthy.
 
 The result is a copy of the model whose config carries the threshold ("threshold", which
 `detect` and the Slicer panel already use) and how it was set ("site_threshold": percentile,
