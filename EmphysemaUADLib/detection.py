@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .density import LungDensity, air_level
 from .calibration import HuCheck, check_hu, corrected
 from .checkpoint import load_model, model_file
+from .density import LungDensity, air_level
 from .devices import choose_device
 from .errors import InputError, setting_error
 from .inference import predict_ct
