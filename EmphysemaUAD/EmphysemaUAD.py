@@ -559,7 +559,7 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p:
             return
-        from EmphysemaUADLib.modelinfo import model_config, model_threshold
+        from EmphysemaUADLib.modelinfo import model_config, model_threshold, site_correct_hu
 
         self.ui.thresholdSlider.enabled = not p.useModelThreshold
         choice = self.logic.thresholdChoice(p)
@@ -573,6 +573,10 @@ class EmphysemaUADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if modelFile != self._modelShown:
             self._modelShown = modelFile
             self.ui.modelInfoLabel.setText(self.modelSummaryText(modelFile, config))
+            recorded = site_correct_hu(config)
+            if recorded is not None and p.correctHu != recorded:
+                # a site threshold holds on scans read as it read its own; still a choice
+                p.correctHu = recorded
 
     @staticmethod
     def modelSummaryText(modelFile, config) -> str:

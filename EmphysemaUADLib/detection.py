@@ -22,7 +22,8 @@ from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
                            RegionMeasurements, lung_noise_hu, measure, noisy, off_site_noise,
                            region_masks)
 # the bundled model and its threshold live in modelinfo (no torch: Slicer reads them too)
-from .modelinfo import DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD, default_model_path  # noqa: F401
+from .modelinfo import (DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD,  # noqa: F401
+                        default_model_path, site_correct_hu)
 from .progress import NO_PROGRESS, Progress
 from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regions,
                       superior_axis)
@@ -67,7 +68,7 @@ class Detector:
         if batch_size is None:
             batch_size = default_batch_size(dev)
         if correct_hu is None:  # a site threshold holds on scans read as it read its own
-            correct_hu = bool((config.get("site_threshold") or {}).get("correct_hu", True))
+            correct_hu = site_correct_hu(config) is not False
         if batch_size < 1:
             raise setting_error("batch_size", f"must be at least 1 (got {batch_size}).")
         return cls(model, config, str(path), dev, threshold,

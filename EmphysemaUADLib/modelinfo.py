@@ -55,13 +55,25 @@ def model_threshold(config: dict | None) -> float | None:
         return None
 
 
+def site_correct_hu(config: dict | None) -> bool | None:
+    """Whether a site threshold was set on scans with a shifted HU scale corrected (None: the
+    model has no site threshold). Detection must read scans the same way for the threshold
+    to hold; site models written before the choice was recorded were set on corrected
+    scans, the default."""
+    site = (config or {}).get("site_threshold")
+    if not isinstance(site, dict):
+        return None
+    return bool(site.get("correct_hu", True))
+
+
 def _threshold_source(config: dict | None) -> str:
     """How a model's threshold was set, when `site-threshold` set it."""
     site = (config or {}).get("site_threshold")
     if not isinstance(site, dict) or not site.get("scans"):
         return ""
     scans = site["scans"]
-    return f", set from {scans} healthy scan{'s' if scans != 1 else ''} of this site"
+    scale = "" if site_correct_hu(config) else ", HU scale as stored"
+    return f", set from {scans} healthy scan{'s' if scans != 1 else ''} of this site{scale}"
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,17 @@ def test_a_site_threshold_is_named_in_the_panel():
         modelinfo.threshold_choice(True, 0.5, config).text
 
 
+def test_the_panel_reads_scans_as_a_site_threshold_read_its_own():
+    site = {"scans": 3, "threshold": 0.2}
+    assert modelinfo.site_correct_hu({"threshold": 0.5}) is None  # no site threshold
+    assert modelinfo.site_correct_hu({"site_threshold": site}) is True  # recorded before
+    stored = {"threshold": 0.2, "site_threshold": {**site, "correct_hu": False}}
+    assert modelinfo.site_correct_hu(stored) is False
+    assert "of this site, HU scale as stored" in modelinfo.threshold_choice(True, 0.5, stored).text
+    text = MODULE_FILE.read_text()  # the widget sets its checkbox from the record
+    assert "p.correctHu = recorded" in text and "site_correct_hu(config)" in text
+
+
 # --- item 7: one list of dependencies ------------------------------------------------------
 def pyproject_dependencies() -> list[str]:
     text = (ROOT / "pyproject.toml").read_text()
