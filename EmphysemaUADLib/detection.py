@@ -25,8 +25,8 @@ from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
 from .modelinfo import (DEFAULT_MODEL_NAME, DEFAULT_THRESHOLD,  # noqa: F401
                         default_model_path, site_correct_hu)
 from .progress import NO_PROGRESS, Progress
-from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_ends, lung_zones, read_regions,
-                      superior_axis)
+from .regions import (LEFT, LOBES, RIGHT, ZONES, cut_by_field, cut_ends, field_edge,
+                      lung_zones, read_regions, superior_axis)
 from .roi import find_lungs, is_roi
 from .staging import Staging
 from .volume_io import Volume
@@ -178,13 +178,16 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     ends = cut_ends(lungs > 0, ct.geometry)
-    if ends and warn and not roi:
-        cut = " and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
-                           for e in ends)
-        progress.log(f"{ct.source or 'CT'}: the lungs reach {cut} of the scan, which covers "
-                     "only part of them; the regions cut off are marked partial"
+    edge = None if roi else timer("field", field_edge, ct.array, ct.geometry)
+    field_cut = edge is not None and cut_by_field(lungs > 0, edge, ct.geometry)
+    if (ends or field_cut) and warn and not roi:
+        cut = [{"top": "the top (apices)", "bottom": "the bottom (bases)"}[e] for e in ends]
+        cut += ["the edge of the field of view"] if field_cut else []
+        progress.log(f"{ct.source or 'CT'}: the lungs reach {' and '.join(cut)} of the scan, "
+                     "which covers only part of them; the regions cut off are marked partial"
                      + (" (every zone of a cut lung: zones are thirds of the part scanned)"
-                        if kind == "zones" and legend else "") + ".", "warning")
+                        if ends and kind == "zones" and legend else "")
+                     + ".", "warning")
     # zones are thirds of the height scanned: every zone of a lung the scan cuts is partial
     cut_lungs = np.isin(lungs, [side for side in (RIGHT, LEFT)
                                 if kind == "zones" and ends and cut_ends(lungs == side,
@@ -223,7 +226,8 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
                                                      ct.geometry.voxel_ml))
             if row.empty and (roi or name not in legend.values() and name in LOBES.values()):
                 row.coverage = NOT_IN_SCAN  # an absent lobe, or a side an ROI does not have
-            elif ends and (cut_ends(mask, ct.geometry) or (mask & cut_lungs).any()):
+            elif (ends and (cut_ends(mask, ct.geometry) or (mask & cut_lungs).any())
+                  or field_cut and cut_by_field(mask, edge, ct.geometry)):
                 row.coverage = PARTIAL
             if not row.empty:
                 row.stage = detector.staging.stage(row.emphysema_index_percent)

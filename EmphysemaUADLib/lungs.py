@@ -15,6 +15,9 @@ patient left at +x), so no rule depends on how the file stores its axes:
 4. air pockets inside the body of mostly lung densities are lungs; pure-air pockets (bowel
    gas, table) are not, unless one is the only candidate on a side of the body (a lung with
    severe emphysema) or a wall of a few mm separates it from a lung (a bulla);
+   where the field of view cuts a lung, its sections that reach the image border passed for
+   outside air in step 2: those at lung density that touch the lungs found join them (the
+   table's mattress is as dense, but no lung touches it);
 5. right and left: in-plane erosion until two large parts lie far apart, then every lung
    voxel goes to the nearer part (to the mid-line's side where the lungs merge widely);
 6. per lung, closing with a 12 mm ball except between the lungs (pleural nodules, not the
@@ -122,6 +125,8 @@ def _segment_canonical(hu: np.ndarray, spacing: tuple[float, float, float]) -> n
     body = ~(outside | padding)
     airways = _airways(inside, smooth, body, cspacing)
     lungs = _lung_pockets(inside & ~airways, smooth, body, cspacing)
+    lungs = _join_cut_lungs(lungs, outside, inside & ~airways, smooth)
+    body |= lungs
     labels = _split_sides(lungs, body, cspacing)
     closed = np.where(airways, 0, _close_and_fill(labels, cspacing))
     return _refine(closed, closed.astype(bool) & ~lungs, hu, spacing, factors)
@@ -285,6 +290,30 @@ def _lung_pockets(inside: np.ndarray, smooth: np.ndarray, body: np.ndarray,
         keep[bullae[sizeable[bullae] & (dense[bullae] < MIN_PARENCHYMA_SHARE)]] = True
     keep[0] = False
     return keep[labels]
+
+
+def _join_cut_lungs(lungs: np.ndarray, outside: np.ndarray, inside: np.ndarray,
+                    smooth: np.ndarray) -> np.ndarray:
+    """The lungs with their parts cut by the field of view: the in-plane sections of
+    `outside` air mostly at lung density, and the lung-dense pockets only those sections link
+    to the lungs, where they touch the lungs in 3-D."""
+    if not lungs.any():
+        return lungs
+    candidates = np.zeros_like(lungs)
+    for air, structure in ((outside, _IN_PLANE), (inside & ~lungs, None)):
+        labels, n = ndi.label(air, structure)
+        if n:
+            count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
+            dense = np.bincount(labels.ravel(), weights=(smooth > PARENCHYMA_HU).ravel(),
+                                minlength=n + 1) / count
+            dense[0] = 0.0
+            candidates |= (dense >= MIN_PARENCHYMA_SHARE)[labels]
+    if not candidates.any():
+        return lungs
+    joined, _ = ndi.label(lungs | candidates)
+    reached = np.zeros(joined.max() + 1, bool)
+    reached[joined[lungs]] = True
+    return reached[joined]
 
 
 def _overlap(inner: tuple[int, int], outer: tuple[int, int]) -> float:

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .errors import InputError
-from .lungs import LEFT, RIGHT
+from .lungs import LEFT, PADDING_HU, RIGHT
 from .progress import NO_PROGRESS, Progress
 from .volume_io import Geometry, Volume, is_volume_file, read_labels, to_image
 
@@ -102,6 +102,32 @@ TOTALSEGMENTATOR_VALUES = {12: 1, 13: 2, 14: 3, 10: 4, 11: 5}
 LTRC_VALUES = {3: 1, 4: 2, 5: 3, 1: 4, 2: 5}  # lungmask LTRCLobes: 1 LUL 2 LLL 3 RUL 4 RML 5 RLL
 MIN_LUNG_COVERAGE = 0.5  # below this share of the lung the lobes do not belong to this CT
 WARN_LUNG_COVERAGE = 0.9
+
+
+CUT_SIDE_MM2 = 100.0  # contact with the field of view's edge, in mm2, that cuts a region
+
+
+def field_edge(ct: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The edge of the field of view within the slices: the image's in-plane border and the
+    voxels beside the scan-field padding (below PADDING_HU)."""
+    axis = superior_axis(geometry)[0]
+    edge = np.zeros(ct.shape, bool)
+    for a in range(3):
+        if a != axis:
+            edge[tuple(slice(None) if b != a else [0, -1] for b in range(3))] = True
+    padding = ct < PADDING_HU
+    if padding.any():
+        edge |= ndi.binary_dilation(padding, in_plane_cross(geometry)) & ~padding
+    return edge
+
+
+def cut_by_field(mask: np.ndarray, edge: np.ndarray, geometry: Geometry) -> bool:
+    """Whether the field of view cuts a region within its slices (a small field of view, a
+    cardiac CT): it lies on the field's `edge` over more than CUT_SIDE_MM2."""
+    axis = superior_axis(geometry)[0]
+    pixel = np.mean([s for a, s in enumerate(geometry.spacing_zyx) if a != axis])
+    contact_mm2 = np.count_nonzero(mask & edge) * geometry.spacing_zyx[axis] * pixel
+    return bool(contact_mm2 > CUT_SIDE_MM2)
 
 
 def lobe_from_name(name: str) -> int | None:

@@ -73,8 +73,9 @@ def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str
         notes.append("An ROI of parenchyma, no whole lung: measured where it is at lung "
                      "density; its scale cannot be checked (no air outside the body).")
     elif result.measurements.whole.partial:
-        notes.append("Partial scan: the lungs reach its first or last slice. Shaded regions "
-                     "are partial; their values describe the scanned part only.")
+        notes.append("Partial scan: the lungs reach its first or last slice or the edge of its "
+                     "field of view. Shaded regions are partial; their values describe the "
+                     "scanned part only.")
     check = result.hu_check
     if check is not None and check.shifted:
         notes.append(f"HU scale shifted by {check.shift_hu:+.0f} HU ({check.describe()}): "

@@ -17,7 +17,8 @@ from EmphysemaUADLib.errors import InputError
 from EmphysemaUADLib.measurements import NOISE_WARN_HU, PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
-from EmphysemaUADLib.report import write_case
+from EmphysemaUADLib.regions import cut_by_field, field_edge
+from EmphysemaUADLib.report import case_notes, write_case
 from EmphysemaUADLib.training import scale_lung_density
 from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
@@ -196,6 +197,22 @@ def test_every_zone_of_a_lung_the_scan_cuts_is_partial(severe, severe_result, de
     for result in (result, severe_result):
         coverage = {r.region: r.coverage for r in result.measurements}
         assert all(coverage[z] == coverage[z.split()[0] + " lung"] for z in ZONE_NAMES)
+
+
+def test_lungs_the_field_of_view_cuts_are_partial(severe, severe_result, detector):
+    cols = np.flatnonzero(severe.lungs.any(axis=(0, 1)))
+    narrow = Volume(severe.ct.array[:, :, cols[0] + 4:cols[-1] - 3].copy(), severe.ct.geometry,
+                    "narrow field")
+    messages = []
+    result = detect_case(narrow, detector, progress=Recorder(messages))
+    coverage = {r.region: r.coverage for r in result.measurements}
+    assert coverage["whole lung"] == coverage["right lung"] == coverage["left lung"] == PARTIAL
+    assert any("the edge of the field of view" in m for m in messages)
+    assert any("edge of its field of view" in note for note in case_notes(result))
+    edge = field_edge(severe.ct.array, severe.ct.geometry)  # the whole phantom is not cut
+    assert not cut_by_field(severe_result.lungs > 0, edge, severe.ct.geometry)
+    assert cut_by_field(result.lungs > 0, field_edge(narrow.array, narrow.geometry),
+                        narrow.geometry)
 
 
 def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path, monkeypatch):
