@@ -414,9 +414,15 @@ def _close_and_fill(labels: np.ndarray, spacing: tuple[float, float, float]) -> 
         if not mask.any():
             return None
         box = _bbox(mask, margin)
+        # beyond the image's in-plane border is not lung: a lung the field of view cuts is not
+        # closed along it (beyond the first and last slices the lungs go on, as before)
+        pad = [(0, 0)] + [(m * (b.start == 0), m * (b.stop == n))
+                          for m, b, n in zip(margin[1:], box[1:], mask.shape[1:])]
+        sub = np.pad(mask[box], pad)
         # dilation then erosion by distance maps: exact balls in mm, at any spacing
-        grown = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= CLOSING_MM
+        grown = ndi.distance_transform_edt(~sub, sampling=spacing) <= CLOSING_MM
         shut = ndi.distance_transform_edt(grown, sampling=spacing) > CLOSING_MM
+        shut = shut[tuple(slice(a, a + n) for (a, _), n in zip(pad, mask[box].shape))]
         return box, _fill_holes(shut | mask[box]) & ~between[box]
 
     for side, done in zip((RIGHT, LEFT), _in_threads(closed, (RIGHT, LEFT))):
