@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .atomic import move_into_place, scratch_folder
 from .errors import InputError
@@ -84,7 +85,9 @@ def _as_3d(image: sitk.Image, source: str) -> sitk.Image:
 
 
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
-    """Read the largest CT series below `folder`; returns the image and a note saying which."""
+    """Read the largest CT series below `folder` (of several as large, the smoothest: one
+    acquisition reconstructed with a soft and a sharp kernel); returns the image and a note
+    saying which."""
     candidates = []
     for directory in _dirs_with_files(folder):
         for sid in _quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(directory)) or ():
@@ -99,7 +102,11 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     if not any(c[0] for c in candidates):
         found = ", ".join(sorted({c[5] or "unknown" for c in candidates}))
         raise InputError(f"{folder}: holds DICOM series of modality {found} but no CT series.")
-    _, count, sid, files, description, _ = max(c for c in candidates if c[0])
+    most = max(c[1] for c in candidates if c[0])
+    largest = sorted(c for c in candidates if c[0] and c[1] == most)
+    noise = {c[2]: _fine_noise_hu(c[3][len(c[3]) // 2]) for c in largest} \
+        if len(largest) > 1 else {}
+    _, count, sid, files, description, _ = min(largest, key=lambda c: noise.get(c[2], 0.0))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -112,8 +119,31 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     note = ""
     if len(candidates) > 1:
         note = (f"{folder}: {len(candidates)} DICOM series found; using the largest CT series "
-                f"{sid} ({count} images{', ' + description if description else ''}).")
+                f"{sid} ({count} images{', ' + description if description else ''})")
+        if noise:  # the model reads smooth kernels most reliably (README, "Noise")
+            others = ", ".join(f"{c[2]}{' (' + c[4] + ')' if c[4] else ''} {noise[c[2]]:.0f}"
+                               for c in largest if c[2] != sid)
+            note += (f", the smoothest of {len(largest)} that large: lung noise "
+                     f"{noise[sid]:.0f} HU against {others} HU")
+        note += "."
     return image, note
+
+
+def _fine_noise_hu(filename: str) -> float:
+    """The lung noise (measurements.lung_noise_hu) of one DICOM image, in the parts of it at
+    lung density (-950 to -500 HU smoothed over 2 pixels); a sharp kernel's is several times
+    a smooth one's. Infinite where the image holds too little lung or cannot be read."""
+    from .measurements import lung_noise_hu  # here: measurements imports this module's users
+
+    try:
+        image = np.squeeze(sitk.GetArrayFromImage(_quietly(sitk.ReadImage, filename)))
+    except RuntimeError:
+        return float("inf")
+    if image.ndim != 2:
+        return float("inf")
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), 2.0)
+    noise = lung_noise_hu(image[None], ((smooth > -950) & (smooth < -500))[None])
+    return float("inf") if noise is None else noise
 
 
 SLICE_GAP_TOLERANCE = 0.2  # share of the slice spacing by which a step may differ

@@ -95,6 +95,25 @@ def test_dicom_folder_picks_the_largest_ct_series(tmp_path):
     assert len(notes) == 1 and "1.2.3.4.1" in notes[0] and "3 DICOM series" in notes[0]
 
 
+def test_of_equally_large_ct_series_the_smoothest_is_read(tmp_path):
+    """One acquisition reconstructed with a soft and a sharp kernel: the soft one is read,
+    whatever the series' UIDs (the model reads smooth kernels most reliably)."""
+    rng = np.random.default_rng(3)
+    y, x = np.indices((64, 64))
+    lung = np.hypot(y - 32, x - 32) < 24
+    soft = np.where(lung, -850.0, 40.0) + rng.normal(0, 8, (7, 64, 64))
+    sharp = soft + np.where(lung, rng.normal(0, 60, soft.shape), 0.0)
+    write_dicom_series(tmp_path / "study", soft, series_uid="1.2.3.4.1", description="soft")
+    write_dicom_series(tmp_path / "study", sharp, series_uid="1.2.3.4.2", description="sharp")
+    notes = []
+    progress = Progress("none")
+    progress.log = lambda message, level="info": notes.append(message)
+    ct = read_ct(tmp_path / "study", progress)
+    np.testing.assert_array_equal(ct.array, soft.astype(np.int16))
+    assert len(notes) == 1 and "1.2.3.4.1" in notes[0] and "the smoothest of 2" in notes[0]
+    assert "1.2.3.4.2 (sharp)" in notes[0]
+
+
 def test_dicom_folder_without_ct_is_refused(tmp_path):
     write_dicom_series(tmp_path / "mr", ct_like(), modality="MR")
     with pytest.raises(InputError, match="no CT series"):
