@@ -18,6 +18,7 @@ from .density import LungDensity, air_level
 from .devices import choose_device
 from .errors import InputError, setting_error
 from .inference import predict_ct
+from .lungs import one_lung_note
 from .measurements import (NOISE_WARN_HU, NOT_IN_SCAN, PARTIAL, Measurements,
                            RegionMeasurements, lung_noise_hu, measure, noisy, off_site_noise,
                            region_masks)
@@ -161,6 +162,9 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     if not lungs.any():
         raise InputError(f"{ct.source or 'CT'}: no lung found; is this a chest CT?")
     roi = is_roi(lungs)
+    one_lung = None if roi else one_lung_note(lungs)
+    if warn and one_lung:
+        progress.log(f"{ct.source or 'CT'}: {one_lung}", "warning")
     if roi:
         if lobes is not None:
             raise InputError(f"{ct.source or 'CT'}: an ROI of parenchyma (no whole lung in "

@@ -75,6 +75,17 @@ def lung_legend(lungs: np.ndarray) -> dict[int, str]:
     return {value: name for value, name in LUNG_NAMES.items() if counts[value]}
 
 
+def one_lung_note(lungs: np.ndarray) -> str | None:
+    """A line for a scan where only one lung was found, else None."""
+    found = [name for side, name in ((RIGHT, "right"), (LEFT, "left")) if (lungs == side).any()]
+    if len(found) != 1:
+        return None
+    other = "left" if found[0] == "right" else "right"
+    return (f"Only the {found[0]} lung was found: no {other} lung at lung density in this scan "
+            f"(collapsed, filled, resected or outside the field); the whole lung is the "
+            f"{found[0]} lung.")
+
+
 def segment_lungs(ct: Volume) -> np.ndarray:
     """Lung labels in the CT's own (z, y, x) grid: 0 background, 1 right lung, 2 left lung."""
     if ct.array.ndim != 3:

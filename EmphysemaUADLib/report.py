@@ -15,7 +15,7 @@ from . import __version__
 from .atomic import replace_folder, scratch_folder, write_text_atomic
 from .detection import CaseResult, Detector
 from .inference import precision
-from .lungs import lung_legend
+from .lungs import lung_legend, one_lung_note
 from .measurements import COMPLETE, NOISE_WARN_HU, NOT_IN_SCAN, SUMMARY_KEYS, noisy
 from .regions import LOBE_CODES, LOBES
 from .render import display_axes
@@ -66,8 +66,8 @@ def region_table(result: CaseResult) -> tuple[list[list[str]], list[int]]:
 
 def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str]:
     """What a reader of the case should know besides its numbers (the overlay's note lines,
-    report.json's "notes", the Slicer status line): ROI or partial scan, a shifted HU scale,
-    bullae, noise, a threshold set on other scans, lobes not scanned."""
+    report.json's "notes", the Slicer status line): ROI or partial scan, one lung only, a
+    shifted HU scale, bullae, noise, a threshold set on other scans, lobes not scanned."""
     notes = []
     if result.region_kind == "roi":
         notes.append("An ROI of parenchyma, no whole lung: measured where it is at lung "
@@ -76,6 +76,8 @@ def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str
         notes.append("Partial scan: the lungs reach its first or last slice or the edge of its "
                      "field of view. Shaded regions are partial; their values describe the "
                      "scanned part only.")
+    if result.region_kind != "roi" and one_lung_note(result.lungs):
+        notes.append(one_lung_note(result.lungs))
     check = result.hu_check
     if check is not None and check.shifted:
         notes.append(f"HU scale shifted by {check.shift_hu:+.0f} HU ({check.describe()}): "

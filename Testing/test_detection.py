@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 from scipy.stats import spearmanr
 
 from conftest import SHARED_DATA, requires_shared
 from EmphysemaUADLib.cli import main
 from EmphysemaUADLib.detection import Detector, default_model_path, detect_case
 from EmphysemaUADLib.errors import InputError
+from EmphysemaUADLib.lungs import RIGHT
 from EmphysemaUADLib.measurements import NOISE_WARN_HU, PARTIAL
 from EmphysemaUADLib.phantom import make_phantom, write_phantom
 from EmphysemaUADLib.progress import Progress
@@ -213,6 +215,19 @@ def test_lungs_the_field_of_view_cuts_are_partial(severe, severe_result, detecto
     assert not cut_by_field(severe_result.lungs > 0, edge, severe.ct.geometry)
     assert cut_by_field(result.lungs > 0, field_edge(narrow.array, narrow.geometry),
                         narrow.geometry)
+
+
+def test_a_scan_with_one_lung_says_so(severe, severe_result, detector):
+    filled = severe.ct.array.copy()
+    filled[ndi.binary_dilation(severe.lungs == RIGHT, iterations=2)] = 30.0  # an opacified lung
+    messages = []
+    result = detect_case(Volume(filled, severe.ct.geometry, "one lung"), detector,
+                         progress=Recorder(messages))
+    regions = {r.region for r in result.measurements if not r.empty}
+    assert "left lung" in regions and not any(r.startswith("right") for r in regions)
+    assert any("Only the left lung was found" in m for m in messages)
+    assert any("Only the left lung was found" in note for note in case_notes(result))
+    assert not any("Only" in note for note in case_notes(severe_result))
 
 
 def test_noisy_lungs_are_measured_and_warned_about(detector, tmp_path, monkeypatch):
