@@ -121,10 +121,13 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
         note = (f"{folder}: {len(candidates)} DICOM series found; using the largest CT series "
                 f"{sid} ({count} images{', ' + description if description else ''})")
         if noise:  # the model reads smooth kernels most reliably (README, "Noise")
-            others = ", ".join(f"{c[2]}{' (' + c[4] + ')' if c[4] else ''} {noise[c[2]]:.0f}"
+            def hu(value):
+                return f"{value:.0f} HU" if np.isfinite(value) else "not measured"
+
+            others = ", ".join(f"{c[2]}{' (' + c[4] + ')' if c[4] else ''} {hu(noise[c[2]])}"
                                for c in largest if c[2] != sid)
             note += (f", the smoothest of {len(largest)} that large: lung noise "
-                     f"{noise[sid]:.0f} HU against {others} HU")
+                     f"{hu(noise[sid])} against {others}")
         note += "."
     return image, note
 
@@ -133,7 +136,7 @@ def _fine_noise_hu(filename: str) -> float:
     """The lung noise (measurements.lung_noise_hu) of one DICOM image, in the parts of it at
     lung density (-950 to -500 HU smoothed over 2 pixels); a sharp kernel's is several times
     a smooth one's. Infinite where the image holds too little lung or cannot be read."""
-    from .measurements import lung_noise_hu  # here: measurements imports this module's users
+    from .measurements import lung_noise_hu  # here: measurements -> lungs -> this module
 
     try:
         image = np.squeeze(sitk.GetArrayFromImage(_quietly(sitk.ReadImage, filename)))
