@@ -185,10 +185,12 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     edge = None if roi else timer("field", field_edge, ct.array, ct.geometry)
     field_cut = edge is not None and cut_by_field(lungs > 0, edge, ct.geometry)
     if (ends or field_cut) and warn and not roi:
-        cut = [{"top": "the top (apices)", "bottom": "the bottom (bases)"}[e] for e in ends]
-        cut += ["the edge of the field of view"] if field_cut else []
-        progress.log(f"{ct.source or 'CT'}: the lungs reach {' and '.join(cut)} of the scan, "
-                     "which covers only part of them; the regions cut off are marked partial"
+        cut = [" and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]
+                            for e in ends) + " of the scan"] if ends else []
+        owner = "its" if ends else "the scan's"
+        cut += [f"the edge of {owner} field of view"] if field_cut else []
+        progress.log(f"{ct.source or 'CT'}: the lungs reach {' and '.join(cut)}, which covers "
+                     "only part of them; the regions cut off are marked partial"
                      + (" (every zone of a cut lung: zones are thirds of the part scanned)"
                         if ends and kind == "zones" and legend else "")
                      + ".", "warning")

@@ -209,7 +209,7 @@ def test_lungs_the_field_of_view_cuts_are_partial(severe, severe_result, detecto
     result = detect_case(narrow, detector, progress=Recorder(messages))
     coverage = {r.region: r.coverage for r in result.measurements}
     assert coverage["whole lung"] == coverage["right lung"] == coverage["left lung"] == PARTIAL
-    assert any("the edge of the field of view" in m for m in messages)
+    assert any("field of view" in m for m in messages)
     assert any("edge of its field of view" in note for note in case_notes(result))
     edge = field_edge(severe.ct.array, severe.ct.geometry)  # the whole phantom is not cut
     assert not cut_by_field(severe_result.lungs > 0, edge, severe.ct.geometry)
