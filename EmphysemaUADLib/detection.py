@@ -182,7 +182,7 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
         regions = timer("regions", lung_zones, lungs, ct.geometry)
         legend, kind = {k: v for k, v in ZONES.items() if (regions == k).any()}, "zones"
     ends = cut_ends(lungs > 0, ct.geometry)
-    edge = None if roi else timer("field", field_edge, ct.array, ct.geometry)
+    edge = None if roi else timer("field", field_edge, ct.array, ct.geometry, lungs > 0)
     field_cut = edge is not None and cut_by_field(lungs > 0, edge, ct.geometry)
     if (ends or field_cut) and warn and not roi:
         cut = [" and ".join({"top": "the top (apices)", "bottom": "the bottom (bases)"}[e]

@@ -295,7 +295,7 @@ def _lung_pockets(inside: np.ndarray, smooth: np.ndarray, body: np.ndarray,
         # a wall of BULLA_WALL_MM, or of one pixel where pixels are larger, then the pocket
         pixel = min(spacing[1:])
         disk = _disk(max(BULLA_WALL_MM, pixel) + pixel, spacing)
-        box = _bbox(lungs, (0,) + disk.shape[1:])
+        box = bounding_box(lungs, (0,) + disk.shape[1:])
         near = ndi.binary_dilation(lungs[box], disk)
         bullae = np.unique(labels[box][near & ~lungs[box]])
         keep[bullae[sizeable[bullae] & (dense[bullae] < MIN_PARENCHYMA_SHARE)]] = True
@@ -348,7 +348,8 @@ def _disk(radius_mm: float, spacing) -> np.ndarray:
     return disk[None]
 
 
-def _bbox(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slice, ...]:
+    """Slices of a non-empty mask's bounding box, `margin` voxels wider per axis, within it."""
     idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k)))
            for k in range(3)]
     return tuple(slice(max(int(i[0]) - m, 0), min(int(i[-1]) + 1 + m, size))
@@ -363,7 +364,7 @@ def _split_sides(lungs: np.ndarray, body: np.ndarray,
     labels = np.zeros(lungs.shape, np.uint8)
     if not lungs.any():
         return labels
-    box = _bbox(lungs, (0, 1, 1))
+    box = bounding_box(lungs, (0, 1, 1))
     sub = lungs[box]
     depth = ndi.distance_transform_edt(sub, sampling=(1e6, spacing[1], spacing[2]))
     for radius in np.arange(0.0, SPLIT_MAX_MM + 1e-6, SPLIT_STEP_MM):
@@ -424,7 +425,7 @@ def _close_and_fill(labels: np.ndarray, spacing: tuple[float, float, float]) -> 
         mask = labels == side
         if not mask.any():
             return None
-        box = _bbox(mask, margin)
+        box = bounding_box(mask, margin)
         # beyond the image's in-plane border is not lung: a lung the field of view cuts is not
         # closed along it (beyond the first and last slices the lungs go on, as before)
         pad = [(0, 0)] + [(m * (b.start == 0), m * (b.stop == n))
@@ -461,7 +462,7 @@ def _refine(labels: np.ndarray, added: np.ndarray, hu: np.ndarray,
     if not labels.any():
         return out
     fy, fx = factors
-    box = _bbox(labels > 0, (0, 2, 2))
+    box = bounding_box(labels > 0, (0, 2, 2))
     sub = labels[box]
     mask = sub > 0
     grow = ndi.binary_dilation(mask, _IN_PLANE_8)
@@ -483,7 +484,7 @@ def _refine(labels: np.ndarray, added: np.ndarray, hu: np.ndarray,
     for side in (RIGHT, LEFT):
         side_mask = result == side
         if side_mask.any():
-            side_box = _bbox(side_mask, (0, 1, 1))
+            side_box = bounding_box(side_mask, (0, 1, 1))
             filled = _fill_holes(side_mask[side_box])
             result[side_box][filled & (result[side_box] == 0)] = side
     out[fine] = result

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .errors import InputError
-from .lungs import LEFT, PADDING_HU, RIGHT
+from .lungs import LEFT, PADDING_HU, RIGHT, bounding_box
 from .progress import NO_PROGRESS, Progress
 from .volume_io import Geometry, Volume, is_volume_file, read_labels, to_image
 
@@ -107,17 +107,20 @@ WARN_LUNG_COVERAGE = 0.9
 CUT_SIDE_MM2 = 100.0  # contact with the field of view's edge, in mm2, that cuts a region
 
 
-def field_edge(ct: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The edge of the field of view within the slices: the image's in-plane border and the
-    voxels beside the scan-field padding (below PADDING_HU)."""
+def field_edge(ct: np.ndarray, geometry: Geometry, near: np.ndarray) -> np.ndarray:
+    """The edge of the field of view within the slices, where it can touch `near` (the
+    lungs): the image's in-plane border and the voxels beside the scan-field padding (below
+    PADDING_HU) within one voxel of near's bounding box."""
     axis = superior_axis(geometry)[0]
     edge = np.zeros(ct.shape, bool)
     for a in range(3):
         if a != axis:
             edge[tuple(slice(None) if b != a else [0, -1] for b in range(3))] = True
-    padding = ct < PADDING_HU
-    if padding.any():
-        edge |= ndi.binary_dilation(padding, in_plane_cross(geometry)) & ~padding
+    if near.any():
+        box = bounding_box(near, (1, 1, 1))
+        padding = ct[box] < PADDING_HU
+        if padding.any():
+            edge[box] |= ndi.binary_dilation(padding, in_plane_cross(geometry)) & ~padding
     return edge
 
 

@@ -211,10 +211,20 @@ def test_lungs_the_field_of_view_cuts_are_partial(severe, severe_result, detecto
     assert coverage["whole lung"] == coverage["right lung"] == coverage["left lung"] == PARTIAL
     assert any("field of view" in m for m in messages)
     assert any("edge of its field of view" in note for note in case_notes(result))
-    edge = field_edge(severe.ct.array, severe.ct.geometry)  # the whole phantom is not cut
+    # the whole phantom is not cut
+    edge = field_edge(severe.ct.array, severe.ct.geometry, severe_result.lungs > 0)
     assert not cut_by_field(severe_result.lungs > 0, edge, severe.ct.geometry)
-    assert cut_by_field(result.lungs > 0, field_edge(narrow.array, narrow.geometry),
+    assert cut_by_field(result.lungs > 0,
+                        field_edge(narrow.array, narrow.geometry, result.lungs > 0),
                         narrow.geometry)
+    # a circular scan field that cuts the lungs, padded with -3024 HU
+    circle = severe.ct.array.copy()
+    _, ny, nx = circle.shape
+    y, x = np.ogrid[:ny, :nx]
+    circle[:, (y - ny / 2) ** 2 + (x - (cols[0] + cols[-1]) / 2) ** 2
+           > ((cols[-1] - cols[0]) / 2 - 4) ** 2] = -3024.0
+    result = detect_case(Volume(circle, severe.ct.geometry, "circle"), detector, warn=False)
+    assert result.measurements.whole.coverage == PARTIAL
 
 
 def test_a_scan_with_one_lung_says_so(severe, severe_result, detector):
