@@ -113,6 +113,19 @@ def test_a_field_of_view_that_cuts_the_lungs(healthy):
             assert dice(found == side, expected == side) >= 0.93, side
 
 
+def test_a_field_of_view_that_cuts_lungs_with_severe_emphysema():
+    """The cut sections join the lungs by density on the coarse grid: a third of the lung
+    below -950 HU (bullae) still joins."""
+    p = make_phantom(seed=2, noise=20.0, kernel="smooth", emphysema="severe",
+                     morphology="bullous", **PHANTOM)
+    cols = np.flatnonzero(p.lungs.any(axis=(0, 1)))
+    cut = (slice(None), slice(None), slice(cols[0] + 5, cols[-1] - 5))
+    lungs = segment_lungs(Volume(p.ct.array[cut].copy(), p.ct.geometry))
+    truth = p.lungs[cut] > 0
+    assert np.mean(p.ct.array[cut][truth] < -950) > 0.3
+    assert dice(lungs > 0, truth) >= 0.93
+
+
 def test_no_lungs_in_a_water_cylinder():
     ct = np.full((4, 64, 64), -1000.0, np.float32)
     y, x = np.ogrid[:64, :64]
