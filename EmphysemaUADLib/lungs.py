@@ -77,13 +77,13 @@ def lung_legend(lungs: np.ndarray) -> dict[int, str]:
 
 def one_lung_note(lungs: np.ndarray) -> str | None:
     """A line for a scan where only one lung was found, else None."""
-    found = [name for side, name in ((RIGHT, "right"), (LEFT, "left")) if (lungs == side).any()]
-    if len(found) != 1:
+    present = lung_legend(lungs)
+    if (RIGHT in present) == (LEFT in present):
         return None
-    other = "left" if found[0] == "right" else "right"
-    return (f"Only the {found[0]} lung was found: no {other} lung at lung density in this scan "
+    found, other = ("right", "left") if RIGHT in present else ("left", "right")
+    return (f"Only the {found} lung was found: no {other} lung at lung density in this scan "
             f"(collapsed, filled, resected or outside the field); the whole lung is the "
-            f"{found[0]} lung.")
+            f"{found} lung.")
 
 
 def segment_lungs(ct: Volume) -> np.ndarray:
@@ -259,7 +259,7 @@ def _lung_pockets(inside: np.ndarray, smooth: np.ndarray, body: np.ndarray,
     count = np.maximum(np.bincount(flat, minlength=n + 1), 1).astype(np.float64)
     volume = count * (float(np.prod(spacing)) / 1000.0)
     volume[0] = 0.0
-    dense = np.bincount(flat, weights=(smooth > PARENCHYMA_HU).ravel(), minlength=n + 1) / count
+    dense = _dense_share(labels, n, smooth)
     # share of each pocket on the patient's left of the body's mid-line, slice by slice
     on_left = np.arange(body.shape[2])[None, None, :] > _midlines(body)[:, None, None]
     left = np.bincount(flat, weights=np.broadcast_to(on_left, labels.shape).ravel(),
@@ -313,18 +313,22 @@ def _join_cut_lungs(lungs: np.ndarray, outside: np.ndarray, inside: np.ndarray,
     candidates = np.zeros_like(lungs)
     for air, structure in ((outside, _IN_PLANE), (inside & ~lungs, None)):
         labels, n = ndi.label(air, structure)
-        if n:
-            count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
-            dense = np.bincount(labels.ravel(), weights=(smooth > PARENCHYMA_HU).ravel(),
-                                minlength=n + 1) / count
-            dense[0] = 0.0
-            candidates |= (dense >= MIN_PARENCHYMA_SHARE)[labels]
+        dense = _dense_share(labels, n, smooth) >= MIN_PARENCHYMA_SHARE
+        dense[0] = False
+        candidates |= dense[labels]
     if not candidates.any():
         return lungs
     joined, _ = ndi.label(lungs | candidates)
     reached = np.zeros(joined.max() + 1, bool)
     reached[joined[lungs]] = True
     return reached[joined]
+
+
+def _dense_share(labels: np.ndarray, n: int, smooth: np.ndarray) -> np.ndarray:
+    """Per label 0..n, the share of its voxels at lung density (above PARENCHYMA_HU)."""
+    count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
+    return np.bincount(labels.ravel(), weights=(smooth > PARENCHYMA_HU).ravel(),
+                       minlength=n + 1) / count
 
 
 def _overlap(inner: tuple[int, int], outer: tuple[int, int]) -> float:

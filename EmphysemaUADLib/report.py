@@ -76,8 +76,9 @@ def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str
         notes.append("Partial scan: the lungs reach its first or last slice or the edge of its "
                      "field of view. Shaded regions are partial; their values describe the "
                      "scanned part only.")
-    if result.region_kind != "roi" and one_lung_note(result.lungs):
-        notes.append(one_lung_note(result.lungs))
+    one_lung = None if result.region_kind == "roi" else one_lung_note(result.lungs)
+    if one_lung:
+        notes.append(one_lung)
     check = result.hu_check
     if check is not None and check.shifted:
         notes.append(f"HU scale shifted by {check.shift_hu:+.0f} HU ({check.describe()}): "
