@@ -583,9 +583,26 @@ def compute_metrics(labels: Labels, measured: list[dict], n_boot: int = DEFAULT_
         "metrics": score_metrics,
         "staging": {"reference": labels.stage_source, "metrics": stage_metrics,
                     "confusion": confusion},
+        "leave_one_subject_out": _leave_one_out(labels, arrays),
         "bootstrap": {"unit": "subject", "subjects": len(labels.subjects),
                       "resamples": n_boot, "seed": seed, "level": 0.95},
     }
+
+
+def _leave_one_out(labels: Labels, arrays: _Arrays) -> list[dict]:
+    """For each subject, the AUROC normal vs emphysema of every score without its images:
+    which subjects the ranking's errors come from (a case to re-read, or one unlike the rest)."""
+    subjects = np.array([c.subject for c in labels.cases])
+    if len(labels.subjects) < 3:
+        return []
+    rows = []
+    for subject in labels.subjects:
+        rest = arrays.statistic(np.flatnonzero(subjects != subject))
+        mine = arrays.emphysema[subjects == subject]
+        rows.append({"subject": subject, "normal": int((~mine).sum()),
+                     "emphysema": int(mine.sum()),
+                     "auroc_without": {s.key: _finite(rest[f"auroc|{s.key}"]) for s in SCORES}})
+    return rows
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -634,6 +651,7 @@ def markdown(report: dict) -> str:
         lines += ["", "Resamples used where some lacked a class (those are skipped): " + "; ".join(
             f"{metric}: {'-'.join(str(u) for u in sorted(used)) if len(used) > 1 else min(used)}"
             f" of {boot['resamples']}" for metric, used in by_metric.items()) + "."]
+    lines += _leave_one_out_table(result)
     staging = result["staging"]
     lines += ["", "## Model stage", ""]
     if staging["reference"]:
@@ -653,6 +671,38 @@ def markdown(report: dict) -> str:
     if model.get("site_folds"):
         lines += _folds_table(model["site_folds"])
     return "\n".join(lines) + "\n"
+
+
+LEAVE_ONE_OUT_SHOWN = 5
+
+
+def _leave_one_out_table(result: dict) -> list[str]:
+    """The subjects whose absence moves the model EI's AUROC most, each score's AUROC
+    without them under the AUROC of all images."""
+    rows = [r for r in result.get("leave_one_subject_out", [])
+            if r["auroc_without"]["model_ei"] is not None]
+    overall = next((r for r in result["metrics"] if r["key"] == "auroc"), None)
+    if not rows or overall is None or overall["values"]["model_ei"]["value"] is None:
+        return []
+    base = overall["values"]["model_ei"]["value"]
+    rows.sort(key=lambda r: -abs(r["auroc_without"]["model_ei"] - base))
+    scores = result["scores"]
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:.2f}"
+    lines = ["", "## Subjects that move the AUROC most", "",
+             "AUROC normal vs emphysema with one subject's images left out, for the "
+             f"{min(LEAVE_ONE_OUT_SHOWN, len(rows))} subjects whose absence moves the model "
+             "EI's most (report.json lists every subject). A subject that alone carries much "
+             "of the error is worth a second look at its images and labels.", "",
+             "| left out (normal + emphysema images) | " + " | ".join(s["label"] for s in scores)
+             + " |", "|---" * (len(scores) + 1) + "|",
+             "| none (all images) | " + " | ".join(
+                 cell(overall["values"][s["key"]]["value"]) for s in scores) + " |"]
+    lines += [f"| {r['subject']} ({r['normal']} + {r['emphysema']}) | " + " | ".join(
+        cell(r["auroc_without"][s["key"]]) for s in scores) + " |"
+        for r in rows[:LEAVE_ONE_OUT_SHOWN]]
+    return lines
 
 
 def hu_scale_text(cases: list[dict]) -> str | None:

@@ -115,6 +115,26 @@ def test_every_score_metric_by_hand(tiny):
         pytest.approx(15.5 / np.sqrt(15.5 * 17.5), abs=1e-4)
 
 
+def test_leaving_one_subject_out_by_hand(tiny):
+    result = v.compute_metrics(*tiny, n_boot=0)
+    rows = {r["subject"]: r for r in result["leave_one_subject_out"]}
+    assert [(r["normal"], r["emphysema"]) for r in rows.values()] == [(1, 1)] * 3
+    # EI without s1: {0.1, 30} vs {0.6, 0} -> 3 of 4; without s2: {6, 30} vs {0, 0} -> 1;
+    # without s3: {6, 0.1} vs {0, 0.6} -> 3 of 4
+    assert [rows[s]["auroc_without"]["model_ei"] for s in ("s1", "s2", "s3")] == \
+        pytest.approx([0.75, 1.0, 0.75])
+    # anomaly without s1: {1.5, 4} vs {2, 0.5} -> 3 of 4
+    assert rows["s1"]["auroc_without"]["anomaly_score"] == pytest.approx(0.75)
+    # the report lists them by how far each moves the EI's 8/9: s1 and s3 (-0.14), then s2
+    table = v.markdown({"metrics": result, "cases": [], "labels": "labels.csv",
+                        "label_columns": ["pattern"], "model": {},
+                        "software": {"version": "test"}})
+    section = table.split("## Subjects that move the AUROC most")[1].split("##")[0]
+    assert [line.split(" (")[0] for line in section.splitlines() if line.startswith("| s")] \
+        == ["| s1", "| s3", "| s2"]
+    assert "| none (all images) | 0.89 | 0.89 | 0.67 | 1.00 | 1.00 |" in section
+
+
 def test_stage_metrics_and_confusion_matrix_by_hand(tiny):
     staging = v.compute_metrics(*tiny, n_boot=0)["staging"]
     rows = {r["key"]: r for r in staging["metrics"]}
