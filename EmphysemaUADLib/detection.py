@@ -129,6 +129,7 @@ class CaseResult:
     hu_check: HuCheck | None = None
     hu_corrected: bool = False  # whether `ct` is the input less hu_check's shift
     bullae_ml: float = 0.0  # lung air spaces over 1 cm across (density.py), in the label map
+    diffuse_ml: float = 0.0  # lung in lobules at emphysema density (density.py), in the map
 
     @property
     def anomaly_score(self) -> float:
@@ -217,11 +218,12 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     anomaly = timer("network", predict_ct, ct, lungs, detector.model,
                     detector.device, detector.batch_size, progress, detector.score)
     # what the network leaves out, added by density (density.py): the inside of large air
-    # spaces, and the part of each lesion around its flagged core
+    # spaces, lobules at emphysema density, and the part of each lesion around its core
     hu_corrected = ct is not source
     density = timer("density", LungDensity, ct, lungs, air_level(hu_check, hu_corrected))
     bullae = timer("bullae", density.bullae)
-    anomaly[bullae] = 1.0
+    diffuse = timer("diffuse loss", density.diffuse_loss)
+    anomaly[bullae | diffuse] = 1.0
     emphysema = timer("extent", density.extent,
                       (anomaly > detector.threshold) & (lungs > 0)).astype(np.uint8)
 
@@ -245,4 +247,6 @@ def detect_case(ct: Volume, detector: Detector, lobes=None,
     rows = timer("measurements", measure_all)
     return CaseResult(ct, lungs, regions, legend, kind, anomaly, emphysema, rows, noise,
                       timer.timings, hu_check, hu_corrected,
-                      round(float(np.count_nonzero(bullae) * ct.geometry.voxel_ml), 2))
+                      round(float(np.count_nonzero(bullae) * ct.geometry.voxel_ml), 2),
+                      round(float(np.count_nonzero(diffuse & (emphysema > 0) & ~bullae)
+                                  * ct.geometry.voxel_ml), 2))

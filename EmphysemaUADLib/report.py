@@ -21,7 +21,7 @@ from .regions import LOBE_CODES, LOBES
 from .render import display_axes
 from .volume_io import write_volume
 
-SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS, "bullae_ml")
+SUMMARY_COLUMNS = ("case", "anomaly_score", *SUMMARY_KEYS, "bullae_ml", "diffuse_ml")
 
 
 def worst_region_view(result: CaseResult) -> tuple[str, int, int]:
@@ -87,6 +87,9 @@ def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str
     if result.bullae_ml:
         notes.append(f"Bullae (air spaces over 1 cm across, found by density): "
                      f"{result.bullae_ml:.1f} mL, counted as emphysema.")
+    if result.diffuse_ml:
+        notes.append(f"Diffuse loss (lung whose lobules are at emphysema density, found by "
+                     f"density): {result.diffuse_ml:.1f} mL, counted as emphysema.")
     if noisy(result.noise_hu):
         notes.append(f"Noisy scan: the lungs' noise is about {result.noise_hu:.0f} HU (above "
                      f"{NOISE_WARN_HU:.0f}); noise can be flagged as emphysema.")
@@ -183,6 +186,7 @@ def report_dict(result: CaseResult, detector: Detector, case: str) -> dict:
             **result.hu_check.as_dict(), "corrected": result.hu_corrected},
         "lung_labels": {str(k): v for k, v in lung_legend(result.lungs).items()},  # lungs.nii.gz
         "bullae_ml": result.bullae_ml,
+        "diffuse_ml": result.diffuse_ml,
         "region_kind": result.region_kind,
         "anomaly_score": result.anomaly_score,
         "stage": result.measurements.whole.stage,
@@ -206,7 +210,8 @@ def summary_row(case: str, result: CaseResult | None = None, error: str | None =
     if result is not None:
         whole = result.measurements.whole.to_dict()
         row.update({"anomaly_score": result.anomaly_score, **{k: whole[k] for k in SUMMARY_KEYS},
-                    "bullae_ml": result.bullae_ml, "coverage": whole["coverage"]})
+                    "bullae_ml": result.bullae_ml, "diffuse_ml": result.diffuse_ml,
+                    "coverage": whole["coverage"]})
         for r in [*result.measurements.lungs, *result.measurements.regions]:
             row[f"stage {r.region}"] = stage_text(r)
     row["error"] = error or ""

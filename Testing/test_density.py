@@ -1,7 +1,9 @@
 """What detection adds by density (density.py): lung air spaces more than 1 cm across are
 bullae, found at the scan's own air level, and airway-sized air is not; each flag grows over
 its lesion at emphysema density, up to REACH_MM, and nowhere without a flag; a flag on lung
-above that density is not emphysema where the scan's air level is known."""
+above that density is not emphysema where the scan's air level is known; lung whose lobules
+are at emphysema density is diffuse loss, a darker healthy lung and an airway's surroundings
+are not."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from conftest import SHARED_DATA
 from EmphysemaUADLib.calibration import HuCheck
 from EmphysemaUADLib.density import REACH_MM, LungDensity, air_level
+from EmphysemaUADLib.training import scale_lung_density
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
 from EmphysemaUADLib.report import report_dict, summary_row
@@ -76,6 +79,55 @@ def test_detection_counts_bullae_as_emphysema():
     assert any(note.startswith("Bullae") and f"{result.bullae_ml:.1f} mL" in note
                for note in report["notes"])  # the overlay's line, and Slicer's status line
     assert summary_row("bulla", result)["bullae_ml"] == result.bullae_ml  # the worklist
+
+
+def test_lobules_at_emphysema_density_are_diffuse_loss_a_darker_lung_and_airways_are_not():
+    """Lung with vessels, its right half darkened evenly (no edges inside it) to a quarter
+    of its tissue (about -967 HU): diffuse loss. The left half darkened as by a deep inspiration
+    (two thirds of its tissue, about -915 HU) is not, nor is lung around an airway-sized
+    lumen of air."""
+    rng = np.random.default_rng(2)
+    hu = rng.normal(-870.0, 30.0, (1, 100, 160)).astype(np.float32)
+    hu[0, 10::40, :] = -300.0  # vessels 32 mm apart
+    yy, xx = np.mgrid[:100, :160]
+    lumen = (yy - 50) ** 2 + (xx - 40) ** 2 <= (3.0 / PIXEL) ** 2  # 6 mm across
+    hu[0][lumen] = rng.normal(-1000.0, 10.0, int(lumen.sum()))
+    hu[0, :, :80] = scale_lung_density(hu[0, :, :80], 2 / 3)
+    hu[0, :, 80:] = scale_lung_density(hu[0, :, 80:], 1 / 4)
+    lungs = np.zeros(hu.shape, np.uint8)
+    lungs[0, 5:95, 5:155] = 1
+    geometry = Geometry((PIXEL, PIXEL, 1.25), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    diffuse = LungDensity(Volume(hu, geometry, "slice"), lungs, air_hu=-1000.0).diffuse_loss()
+    # the evenly darkened half, a centimetre and more from the vessels (near them, their
+    # tissue keeps a lobule's average above -950 HU)
+    assert diffuse[0, 23:38, 95:145].mean() > 0.9 and diffuse[0, 63:78, 95:145].mean() > 0.9
+    assert not diffuse[0, :, :75].any()  # darker healthy lung, and the airway's surroundings
+    assert not diffuse[lungs == 0].any()
+    # on a scale shifted by +80 HU the same lung is found at that scan's air level
+    shifted = Volume(hu + np.float32(80.0), geometry, "slice")
+    assert (LungDensity(shifted, lungs, air_hu=-920.0).diffuse_loss() == diffuse).mean() > 0.99
+
+
+def test_detection_counts_diffuse_loss_as_emphysema():
+    """A phantom lung with one lung darkened evenly to a third of its tissue: the network
+    barely flags an even darkening; detection counts it by density and says so."""
+    phantom = make_phantom(seed=3, emphysema="none", shape=(24, 96, 96),
+                           spacing=(4.0, 3.5, 3.5))
+    hu = phantom.ct.array.astype(np.float32)
+    right = phantom.lungs == 1
+    hu[right] = scale_lung_density(hu[right], 1 / 3)
+    detector = Detector.load(None, "cpu")
+    result = detect_case(Volume(hu, phantom.ct.geometry, "diffuse"), detector,
+                         lungs=phantom.lungs, warn=False)
+    rows = {r.region: r for r in result.measurements.rows}
+    assert rows["right lung"].emphysema_index_percent > 25.0
+    assert rows["left lung"].emphysema_index_percent < 0.5
+    assert result.diffuse_ml > 0.5 * rows["right lung"].volume_ml * 0.25
+    report = report_dict(result, detector, "diffuse")
+    assert report["diffuse_ml"] == result.diffuse_ml
+    assert any(note.startswith("Diffuse loss") and f"{result.diffuse_ml:.1f} mL" in note
+               for note in report["notes"])
+    assert summary_row("diffuse", result)["diffuse_ml"] == result.diffuse_ml
 
 
 @pytest.mark.skipif(not SLICE.is_file(), reason=f"{SLICE} not found (../shared/data)")
