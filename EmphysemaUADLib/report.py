@@ -87,7 +87,7 @@ def case_notes(result: CaseResult, detector: Detector | None = None) -> list[str
     if result.bullae_ml:
         notes.append(f"Bullae (air spaces over 1 cm across, found by density): "
                      f"{result.bullae_ml:.1f} mL, counted as emphysema.")
-    if result.diffuse_ml:
+    if round(result.diffuse_ml, 1):  # not a few voxels' worth
         notes.append(f"Diffuse loss (lung whose lobules are at emphysema density, found by "
                      f"density): {result.diffuse_ml:.1f} mL, counted as emphysema.")
     if noisy(result.noise_hu):

@@ -15,7 +15,7 @@ from EmphysemaUADLib.density import REACH_MM, LungDensity, air_level
 from EmphysemaUADLib.training import scale_lung_density
 from EmphysemaUADLib.detection import Detector, detect_case
 from EmphysemaUADLib.phantom import make_phantom
-from EmphysemaUADLib.report import report_dict, summary_row
+from EmphysemaUADLib.report import case_notes, report_dict, summary_row
 from EmphysemaUADLib.volume_io import Geometry, Volume, read_ct
 
 PIXEL = 0.8
@@ -128,6 +128,8 @@ def test_detection_counts_diffuse_loss_as_emphysema():
     assert any(note.startswith("Diffuse loss") and f"{result.diffuse_ml:.1f} mL" in note
                for note in report["notes"])
     assert summary_row("diffuse", result)["diffuse_ml"] == result.diffuse_ml
+    result.diffuse_ml = 0.04  # a few voxels' worth: no line
+    assert not any(note.startswith("Diffuse loss") for note in case_notes(result, detector))
 
 
 @pytest.mark.skipif(not SLICE.is_file(), reason=f"{SLICE} not found (../shared/data)")
