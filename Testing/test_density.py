@@ -108,6 +108,21 @@ def test_lobules_at_emphysema_density_are_diffuse_loss_a_darker_lung_and_airways
     assert (LungDensity(shifted, lungs, air_hu=-920.0).diffuse_loss() == diffuse).mean() > 0.99
 
 
+def test_noise_that_does_not_run_from_slice_to_slice_is_not_diffuse_loss():
+    """Lung at -910 HU with smooth, lobule-sized noise (40 HU after smoothing) drawn anew on
+    every 1.25 mm slice, as a smooth kernel's noise is: about one voxel in ten lies below
+    -950 HU on its own slice's lobular average, almost none on the 3-D one."""
+    from scipy import ndimage as ndi
+    rng = np.random.default_rng(4)
+    noise = ndi.gaussian_filter(rng.standard_normal((12, 80, 80)), (0, 5.0, 5.0))
+    hu = (-910.0 + 40.0 * noise / noise.std()).astype(np.float32)
+    lungs = np.ones(hu.shape, np.uint8)
+    geometry = Geometry((PIXEL, PIXEL, 1.25), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert (hu < -950).mean() > 0.1
+    diffuse = LungDensity(Volume(hu, geometry, "noisy"), lungs, air_hu=-1000.0).diffuse_loss()
+    assert diffuse[3:-3].mean() < 0.01  # away from the volume's ends
+
+
 def test_detection_counts_diffuse_loss_as_emphysema():
     """A phantom lung with one lung darkened evenly to a third of its tissue: the network
     barely flags an even darkening; detection counts it by density and says so."""
