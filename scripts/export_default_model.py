@@ -186,7 +186,8 @@ def _real_section(validated) -> str:
             "slices or ROIs, with a radiologist's pattern and, for slices, severity; the labels "
             "only measure, they never trained or tuned anything; the model's label map, index "
             "and stages are those of `detect`, which keeps the network's flags on lung at "
-            "emphysema density and adds bullae and each flag's extent by density):\n\n"
+            "emphysema density and adds bullae, lobules at emphysema density and each flag's "
+            "extent by density):\n\n"
             + "\n".join(table for _, table in validated) + "\n")
 
 
