@@ -31,15 +31,14 @@ whose parenchyma, averaged over about a secondary lobule (a Gaussian of LOBULE_M
 are 10-25 mm across), lies below -950 HU on the scan's own scale. The average is taken in
 3-D, as a lobule is, where noise is not: a healthy phantom with 50 HU of smooth-kernel
 (correlated) noise read 0.7 % (Mild) when averaged in-plane only, 0.24 % (None) in 3-D; an
-image of one slice is averaged in-plane. Air spaces (the
-voxels at the air level: airway lumens, bullae) are left out of that average, so that the
-lung around an airway, and its lumen, are not darkened by the lumen; the air-dark voxels
-of a lobule whose parenchyma is at emphysema density are counted with it. On the healthy
-scans of ../shared/data it counts nothing, nor on them darkened as by a deeper inspiration
-(tissue fraction x 2/3); the same scans darkened to half and to 0.35 of their tissue, as
-diffuse emphysema, read 1.2-1.3 % and 4.5-9.6 % from the network's flags and 3.6-3.7 % and
-19-21 % with it, nearer LAA-950 (6-9 % and 26-43 %).
-On the 55 labelled slices it changes no stage.
+image of one slice is averaged in-plane. Air spaces (the voxels at the air level: airway
+lumens, bullae) are left out of that average, so that the lung around an airway, and its
+lumen, are not darkened by the lumen; the air-dark voxels of a lobule whose parenchyma is at
+emphysema density are counted with it. On the healthy scans of ../shared/data it counts
+nothing, nor on them darkened as by a deeper inspiration (tissue fraction x 2/3); the same
+scans darkened to half and to 0.35 of their tissue, as diffuse emphysema, read 1.2-1.3 % and
+4.5-9.6 % from the network's flags and 3.6-3.7 % and 19-21 % with it, nearer LAA-950 (6-9 %
+and 26-43 %). On the 55 labelled slices it changes no stage.
 
 Destroyed tissue. A flag counts only where the lung is itself at that density: emphysema
 is lost tissue, and a flag on lung above -950 HU is not a hole. On the healthy scans of
@@ -90,7 +89,6 @@ class LungDensity:
     def __init__(self, ct: Volume, lungs: np.ndarray, air_hu: float | None = None):
         self.shape = ct.shape
         self.spacing = np.asarray(ct.geometry.spacing_zyx, dtype=float)
-        self.geometry = ct.geometry
         self.axis = superior_axis(ct.geometry)[0]
         self.cross = in_plane_cross(ct.geometry)
         self.measured = air_hu is not None

@@ -592,9 +592,9 @@ def compute_metrics(labels: Labels, measured: list[dict], n_boot: int = DEFAULT_
 def _leave_one_out(labels: Labels, arrays: _Arrays) -> list[dict]:
     """For each subject, the AUROC normal vs emphysema of every score without its images:
     which subjects the ranking's errors come from (a case to re-read, or one unlike the rest)."""
-    subjects = np.array([c.subject for c in labels.cases])
     if len(labels.subjects) < 3:
         return []
+    subjects = np.array([c.subject for c in labels.cases])
     rows = []
     for subject in labels.subjects:
         rest = arrays.statistic(np.flatnonzero(subjects != subject))
@@ -679,7 +679,7 @@ LEAVE_ONE_OUT_SHOWN = 5
 def _leave_one_out_table(result: dict) -> list[str]:
     """The subjects whose absence moves the model EI's AUROC most, each score's AUROC
     without them under the AUROC of all images."""
-    rows = [r for r in result.get("leave_one_subject_out", [])
+    rows = [r for r in result["leave_one_subject_out"]
             if r["auroc_without"]["model_ei"] is not None]
     overall = next((r for r in result["metrics"] if r["key"] == "auroc"), None)
     if not rows or overall is None or overall["values"]["model_ei"]["value"] is None:
