@@ -26,6 +26,10 @@ FAT_SEARCH_HU = 40.0     # fat's peak: looked for this far beyond -100 HU and ai
 BODY_AT_BORDER = 0.25    # share of the image border the body (and table) may cover
 CLEAR_OF_BODY_MM = 10.0  # air this close to the body is raised by its streaks and blur
 FAT_SHELL_MM = 30.0      # subcutaneous fat lies within this depth of the skin
+# fat is sampled this far from air (outside or in the lungs): the blur across an air-tissue
+# edge passes through fat's range, and in a thin patient, whose lungs lie close under the
+# skin, noise turns that ramp into a false fat peak that contradicts the shift
+FAT_CLEAR_OF_AIR_MM = 5.0
 FAT_SMOOTH_MM = 1.5
 CHECK_SLICES = 12
 MIN_VOXELS = 2000        # for a histogram peak
@@ -34,7 +38,7 @@ MIN_VOXELS = 2000        # for a histogram peak
 @dataclass(frozen=True)
 class HuCheck:
     air_hu: float | None   # peak of air outside the body; None: none clear of the body
-    fat_hu: float | None   # peak of the body's outer 3 cm near fat; None: no clear peak
+    fat_hu: float | None   # peak of the body's outer 3 cm, clear of air, near fat; None: no peak
     shift_hu: float | None  # the scale's shift (air_hu + 1000) when air and fat agree on one
 
     @property
@@ -93,8 +97,8 @@ def corrected(ct: Volume, check: HuCheck) -> Volume:
 
 
 def _slice_parts(image: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
-    """(air outside the body clear of body and padding, the body's outer shell) of a slice;
-    both empty where the body reaches the image border widely (a field of view cut through
+    """(air outside the body clear of body and padding, the body's outer shell clear of
+    air) of a slice; both empty where the body reaches the image border widely (a field of view cut through
     the body, where lung touching the border would pass for outside air)."""
     padding = image < PADDING_HU
     floor = image.min()
@@ -114,9 +118,10 @@ def _slice_parts(image: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     clear = (ndimage.distance_transform_edt(~body, sampling=spacing) > CLEAR_OF_BODY_MM) & \
         (ndimage.distance_transform_edt(~padding, sampling=spacing) > 2.0)
     depth = ndimage.distance_transform_edt(body, sampling=spacing)
+    clear_of_air = ndimage.distance_transform_edt(dense, sampling=spacing) > FAT_CLEAR_OF_AIR_MM
     # air clipped at the stored floor would pile up in one histogram bin
     unclipped = image > floor if floor <= AIR_HU else True
-    return outside & clear & unclipped, body & (depth <= FAT_SHELL_MM)
+    return outside & clear & unclipped, body & (depth <= FAT_SHELL_MM) & clear_of_air
 
 
 def _at_border(mask: np.ndarray, padding: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The HU scale check: a phantom (air -1000, fat -95 HU) reads calibrated; shifted as a whole
 it reads the shift, which --correct-hu takes off; air alone off (fat where it should be), no
-air in the field of view, or a field-of-view border stored as -1024 are not read as a shift.
+air in the field of view, or a field-of-view border stored as -1024 are not read as a shift;
+a patient without fat is read from air.
 The real HRCT slices of ../shared/data read a shift of about +78 HU, the other real scans
 none."""
 from __future__ import annotations
@@ -57,6 +58,17 @@ def test_air_off_while_fat_is_right_is_not_a_shift(phantom):
     assert check.air_hu is not None and abs(check.air_hu + 930) <= 10
     assert check.fat_hu is not None and abs(check.fat_hu + 95) <= 15
     assert not check.shifted
+
+
+def test_a_patient_without_fat_reads_the_shift_from_air(phantom):
+    # no subcutaneous fat: the blur where lung and skin meet soft tissue passes through fat's
+    # range, and once read a false fat peak (-130 HU) that vetoed the shift
+    array = phantom.ct.array.astype(np.float32).copy()
+    fat = phantom.tissues == 1
+    array[fat] = 45.0 + np.random.default_rng(0).normal(0.0, 20.0, np.count_nonzero(fat))
+    check = check_hu(shifted(dataclasses.replace(phantom.ct, array=array), 80.0))
+    assert check.fat_hu is None
+    assert check.shifted and abs(check.shift_hu - 80.0) <= 8
 
 
 def test_no_air_in_the_field_of_view_is_not_checked(phantom):
