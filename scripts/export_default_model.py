@@ -165,7 +165,8 @@ says what it finds and what it misses. The real HRCT slices it was checked on re
 shifted by about +77 HU (air outside the body -920 HU); each table above says whether it
 scored them as stored or with the shift taken off. `detect` measures every scan's scale and
 takes a shift off (README, "HU scale"; `--no-correct-hu` keeps it). On a sharp lung kernel the heart
-border and vessel edges raise the emphysema index of a healthy scan.{_healthy(healthy)} Its threshold, \
+border and vessel edges raise the emphysema index of a healthy scan, and so does more noise
+than the scans it was checked on (README, "Other kernels and noise").{_healthy(healthy)} Its threshold, \
 {config['threshold']:g}, is not every scanner's: set it from your scanner's healthy CTs
 (`emphysema-uad site-threshold`, or "Set threshold from these CTs" in Slicer's Training tab),
 or fine-tune the model on them (`emphysema-uad train --init-from bundled`), and check it on
