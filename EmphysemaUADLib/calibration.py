@@ -98,8 +98,8 @@ def corrected(ct: Volume, check: HuCheck) -> Volume:
 
 def _slice_parts(image: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(air outside the body clear of body and padding, the body's outer shell clear of
-    air) of a slice; both empty where the body reaches the image border widely (a field of view cut through
-    the body, where lung touching the border would pass for outside air)."""
+    air) of a slice; both empty where the body reaches the image border widely (a field of
+    view cut through the body, where lung touching the border would pass for outside air)."""
     padding = image < PADDING_HU
     floor = image.min()
     if floor <= AIR_HU:  # a field-of-view border stored as a constant such as -1024 HU: the
